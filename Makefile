@@ -1,0 +1,54 @@
+# Plain entry points. Every target sets up what it needs: `make serve` and `make test` work on a
+# fresh clone with nothing but Python 3.11 installed.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+# The model store lives outside the repository, so `bentoml build` never copies it in.
+export BENTOML_HOME ?= $(HOME)/bentoml
+export BENTOML_DO_NOT_TRACK := true
+ARTIFACTS := $(wildcard models/artifacts/*)
+
+.PHONY: setup register serve test lint unit integration e2e load train-sentiment clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,load]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+## Import the committed, trained artifacts into the BentoML model store (idempotent).
+register: setup
+	$(BIN)/python -m training.registry $(ARTIFACTS)
+
+## Set up, register, and serve every model on http://127.0.0.1:$(PORT).
+serve: register
+	$(BIN)/bentoml serve services.api:Api --host 127.0.0.1 --port $(PORT)
+
+## Set up and run the whole test suite (what CI runs).
+test: setup lint
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+e2e: setup
+	$(BIN)/python -m pytest tests/e2e
+
+## Bounded headless Locust run against a server it starts itself; reports in load/reports/.
+load: register
+	$(BIN)/python -m load.run
+
+train-sentiment: setup
+	$(BIN)/python -m training.train_sentiment
+
+clean:
+	rm -rf $(VENV) load/reports .pytest_cache .ruff_cache

@@ -1,0 +1,117 @@
+"""Sentiment model service: batched, length-sorted, packed inference on one artifact.
+
+The endpoint is a thin chain of pure helpers, ``encode -> collate -> predict -> split``, each testable
+without a server. Public traffic arrives through the entry service (``services/api.py``), which
+validates requests; concurrent calls are merged here by BentoML's adaptive batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import bentoml
+import torch
+
+from models.text import Vocab
+from services.artifacts import load_artifact
+from services.batching import collate, split
+from services.metrics import INFERENCE_SECONDS
+from services.schemas.common import ModelInfo
+from services.schemas.sentiment import MAX_TOKENS, SentimentResult
+from services.settings import SETTINGS
+
+logger = logging.getLogger(__name__)
+NAME = "sentiment"
+WARMUP_LENGTHS = (1, 4, 16, 64, MAX_TOKENS)
+
+
+def encode(vocab: Vocab, texts: list[str]) -> list[list[int]]:
+    """Token ids per text. Texts were validated upstream to hold 1..MAX_TOKENS tokens."""
+    encoded = [vocab.encode(text) for text in texts]
+    for text, ids in zip(texts, encoded, strict=True):
+        if not ids or len(ids) > MAX_TOKENS:
+            raise ValueError(f"text of {len(ids)} tokens reached the model: {text[:40]!r}")
+    return encoded
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Class probabilities, (B, C), on the CPU."""
+    started = time.perf_counter()
+    probabilities = torch.softmax(model(tokens, lengths), dim=-1).cpu()
+    INFERENCE_SECONDS.labels(NAME).observe(time.perf_counter() - started)
+    return probabilities
+
+
+def to_results(probabilities: torch.Tensor, lengths: list[int], labels: list[str]) -> list[SentimentResult]:
+    results = []
+    for row, length in zip(probabilities.tolist(), lengths, strict=True):
+        best = max(range(len(labels)), key=row.__getitem__)
+        results.append(SentimentResult(
+            label=labels[best], score=row[best],
+            probabilities=dict(zip(labels, row, strict=True)), tokens=length,
+        ))
+    return results
+
+
+def classify(model: torch.nn.Module, vocab: Vocab, labels: list[str], texts: list[str],
+             device: str = "cpu") -> list[SentimentResult]:
+    """The whole batched path: texts in, one result per text out, in order."""
+    if not texts:
+        return []
+    tokens, lengths, order = collate(encode(vocab, texts), NAME, device)
+    results = to_results(predict(model, tokens, lengths), lengths.tolist(), labels)
+    return split(results, order)
+
+
+@bentoml.service(
+    name="sentiment",
+    workers=SETTINGS.sentiment_workers,
+    traffic={"timeout": SETTINGS.timeout_s},
+)
+class Sentiment:
+    bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
+
+    def __init__(self) -> None:
+        torch.set_num_threads(SETTINGS.sentiment_threads)
+        self.device = SETTINGS.torch_device()
+        stored = self.bento_model
+        self.model, self.metadata = load_artifact(
+            stored.path, expected_sha256=stored.info.metadata["sha256"], device=self.device
+        )
+        self.vocab = Vocab(self.metadata["vocab"])
+        self.labels = list(self.metadata["labels"])
+        self.model_info = ModelInfo(
+            name=stored.tag.name, version=str(stored.tag.version), task=self.metadata["task"],
+            cell=self.metadata["cell"], metrics=self.metadata.get("metrics", {}),
+        )
+        self._ready = False
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Runs every warm-up length at batch 1 and at the full batch before reporting ready."""
+        started = time.perf_counter()
+        word = self.vocab.itos[2]
+        for length in WARMUP_LENGTHS:
+            text = " ".join([word] * length)
+            for batch_size in (1, SETTINGS.sentiment_max_batch_size):
+                classify(self.model, self.vocab, self.labels, [text] * batch_size, self.device)
+        self._ready = True
+        logger.info("sentiment %s warmed up on %s in %.2f s", self.model_info.version,
+                    self.device, time.perf_counter() - started)
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.sentiment_max_batch_size,
+        max_latency_ms=SETTINGS.sentiment_max_latency_ms,
+    )
+    def classify(self, texts: list[str]) -> list[SentimentResult]:
+        return classify(self.model, self.vocab, self.labels, texts, self.device)
+
+    @bentoml.api
+    def info(self) -> ModelInfo:
+        return self.model_info

@@ -1,0 +1,65 @@
+"""Service settings, read once from the environment (``RNNSERVE_*``), validated and typed.
+
+Every batching, device and limit knob of the services lives here, so an operator can set them from a
+Kubernetes ConfigMap without touching code. Invalid values stop the service at start with a message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+PREFIX = "RNNSERVE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where models run: cpu, cuda, or auto (cuda when available).
+    device: str = "auto"
+    # Sentiment model service. max_latency_ms bounds how long a request may wait in the batcher;
+    # requests the batcher predicts it cannot serve in time are shed with 503 (BentoML's default of
+    # 60 s is no bound at all).
+    sentiment_model: str = "sentiment:latest"
+    sentiment_max_batch_size: int = 64
+    sentiment_max_latency_ms: int = 1000
+    sentiment_workers: int = 1
+    sentiment_threads: int = 1
+    # Request limits, enforced before any work is queued.
+    max_items: int = 64
+    max_text_chars: int = 2000
+    # Per-request timeout of every service, in seconds.
+    timeout_s: int = 30
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"{PREFIX}DEVICE must be cpu, cuda or auto, got {self.device!r}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{PREFIX}{field.name.upper()} must be >= 1, got {value}")
+        if self.sentiment_max_batch_size < 2:
+            raise ValueError(f"{PREFIX}SENTIMENT_MAX_BATCH_SIZE must be >= 2 (BentoML's minimum)")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = environ.get(PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            try:
+                values[field.name] = int(raw) if field.type in (int, "int") else raw
+            except ValueError as exc:
+                raise ValueError(f"{PREFIX}{field.name.upper()} must be an integer, got {raw!r}") from exc
+        return cls(**values)
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+SETTINGS = Settings.from_env()

@@ -1,0 +1,106 @@
+"""Shared fixtures. Tests are marked by folder: tests/unit, tests/integration, tests/e2e."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "models" / "artifacts"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for kind in ("unit", "integration", "e2e"):
+            if f"{os.sep}tests{os.sep}{kind}{os.sep}" in str(item.fspath):
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real ``bentoml serve`` process on a free loopback port."""
+
+    def __init__(self, bentoml_home: Path, env: dict[str, str] | None = None,
+                 target: str = "services.api:Api") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = bentoml_home / f"serve-{self.port}.log"
+        self.env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
+                    **(env or {})}
+        self.target = target
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0) -> Server:
+        log = open(self.log_path, "w")  # noqa: SIM115 - kept open for the process's lifetime
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bentoml serve not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+
+
+def register_artifacts(bentoml_home: Path) -> list[str]:
+    """Registers every committed artifact into the store at ``bentoml_home``."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
+    dirs = sorted(str(p) for p in ARTIFACTS.iterdir() if (p / "model.pt").is_file())
+    out = subprocess.run([sys.executable, "-m", "training.registry", *dirs], cwd=ROOT, env=env,
+                         check=True, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("bentoml_home")
+    register_artifacts(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home: Path) -> Iterator[Server]:
+    """One server with every committed model, shared by the integration tests."""
+    srv = Server(bentoml_home).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http

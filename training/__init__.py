@@ -1,0 +1,1 @@
+"""Training scripts, one per task, and the helpers they share (config, loop, export, registry)."""

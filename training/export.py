@@ -1,0 +1,58 @@
+"""TorchScript export: the one place training turns a module into a servable artifact.
+
+An artifact is a directory holding ``model.pt`` (TorchScript, with the metadata embedded as the extra
+file ``metadata.json``) and ``metadata.json`` beside it, which adds the file's sha256. TorchScript is
+deprecated upstream in favour of ``torch.export``; keeping export behind this one function (and
+loading behind ``services.artifacts.load_artifact``) keeps a later switch to two functions.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.artifacts import METADATA_FILE, MODEL_FILE, sha256_file
+
+__all__ = ["METADATA_FILE", "MODEL_FILE", "export", "script", "sha256_file"]
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` with its 2.13 deprecation warning silenced, deliberately.
+
+    The user asked for TorchScript artifacts; the warning only says it is deprecated in favour of
+    ``torch.export``, which this module's single entry point is there to make easy later.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return torch.jit.script(module.eval())
+
+
+def export(module: nn.Module, directory: str | Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Scripts ``module`` and writes the artifact directory; returns the full metadata.
+
+    ``metadata`` must be JSON-serialisable; it should hold everything serving needs (vocabulary,
+    normalisation, limits), the training config, data checksums and evaluation metrics.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        **metadata,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
+    embedded = json.dumps(metadata, sort_keys=True)
+    scripted = script(module)
+    model_path = directory / MODEL_FILE
+    torch.jit.save(scripted, str(model_path), _extra_files={METADATA_FILE: embedded})
+    full = {**metadata, "sha256": sha256_file(model_path), "file": MODEL_FILE}
+    (directory / METADATA_FILE).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
+    return full
