@@ -57,8 +57,7 @@ def load_artifact(
         )
     extra_files = {METADATA_FILE: ""}
     with warnings.catch_warnings():  # TorchScript's 2.13 deprecation notice; see training/export.py
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*", category=DeprecationWarning)
         module = torch.jit.load(str(model_path), map_location=device, _extra_files=extra_files)
     module.eval()
     return module, json.loads(extra_files[METADATA_FILE])

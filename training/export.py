@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import platform
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,23 @@ from services.artifacts import METADATA_FILE, MODEL_FILE, sha256_file
 __all__ = ["METADATA_FILE", "MODEL_FILE", "export", "script", "sha256_file"]
 
 
-def script(module: nn.Module) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` with its 2.13 deprecation warning silenced, deliberately.
+@contextmanager
+def torchscript_deprecation_silenced() -> Iterator[None]:
+    """Silences TorchScript's 2.13 deprecation warnings, deliberately and only here.
 
-    The user asked for TorchScript artifacts; the warning only says it is deprecated in favour of
-    ``torch.export``, which this module's single entry point is there to make easy later.
+    The user asked for TorchScript artifacts; the warnings only say it is deprecated in favour of
+    ``torch.export``, which keeping export behind this module is there to make easy later.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*TorchScript.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.export.*", category=DeprecationWarning)
+        yield
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of ``module`` in eval mode."""
+    with torchscript_deprecation_silenced():
         return torch.jit.script(module.eval())
 
 
@@ -52,7 +62,8 @@ def export(module: nn.Module, directory: str | Path, metadata: dict[str, Any]) -
     embedded = json.dumps(metadata, sort_keys=True)
     scripted = script(module)
     model_path = directory / MODEL_FILE
-    torch.jit.save(scripted, str(model_path), _extra_files={METADATA_FILE: embedded})
+    with torchscript_deprecation_silenced():
+        torch.jit.save(scripted, str(model_path), _extra_files={METADATA_FILE: embedded})
     full = {**metadata, "sha256": sha256_file(model_path), "file": MODEL_FILE}
     (directory / METADATA_FILE).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     return full

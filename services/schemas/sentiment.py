@@ -46,7 +46,7 @@ class SentimentRequest(BaseModel):
     """One text (``text``) or a list (``texts``), never both. Unknown fields are rejected."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [SENTIMENT_EXAMPLE, SENTIMENT_SINGLE_EXAMPLE]}
+        extra="forbid", json_schema_extra={"example": SENTIMENT_EXAMPLE}
     )
 
     text: Text | None = Field(default=None, description="A single text to classify.")

@@ -1,0 +1,1 @@
+"""Locust load tests and the bounded headless runner (``python -m load.run``)."""

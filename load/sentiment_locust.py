@@ -1,0 +1,54 @@
+"""Locust user for the sentiment endpoint: real SST-2 dev sentences, one or several per request."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from locust import FastHttpUser, between, tag, task
+
+DEV = Path(__file__).resolve().parent.parent / "training" / "data" / "sst2" / "glue_dev.tsv"
+
+
+def dev_sentences() -> list[str]:
+    with open(DEV, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        return [row[0].strip() for row in reader]
+
+
+SENTENCES = dev_sentences()
+
+
+class SentimentUser(FastHttpUser):
+    wait_time = between(0.0, 0.05)
+
+    @tag("sentiment")
+    @task(4)
+    def sentiment_one(self) -> None:
+        text = random.choice(SENTENCES)
+        with self.client.post("/v1/sentiment", json={"text": text}, name="/v1/sentiment [1]",
+                              catch_response=True) as response:
+            check(response, 1)
+
+    @tag("sentiment")
+    @task(1)
+    def sentiment_many(self) -> None:
+        texts = random.sample(SENTENCES, random.randint(2, 16))
+        with self.client.post("/v1/sentiment", json={"texts": texts}, name="/v1/sentiment [2-16]",
+                              catch_response=True) as response:
+            check(response, len(texts))
+
+
+def check(response, expected: int) -> None:
+    if response.status_code != 200:
+        response.failure(f"status {response.status_code}: {response.text[:200]}")
+        return
+    results = response.json().get("results", [])
+    if len(results) != expected:
+        response.failure(f"{len(results)} results for {expected} texts")
+    elif any(r["label"] not in ("negative", "positive") or not 0.5 <= r["score"] <= 1 for r in results):
+        response.failure(f"malformed result: {results[0]}")
+    else:
+        response.success()
