@@ -9,9 +9,25 @@ validates requests, forwards them with ``bentoml.depends``, and shapes the respo
 from __future__ import annotations
 
 import bentoml
+from bentoml.exceptions import InvalidArgument
 
+from services.forecast import Forecast, session_or_raise, window_response
 from services.http import JsonOnlyMiddleware
+from services.metrics import FORECAST_REQUESTS_TOTAL
 from services.schemas.common import ModelInfo
+from services.schemas.forecast import (
+    Deleted,
+    ForecastRequest,
+    ForecastResponse,
+    ForecastSpec,
+    SessionCreateRequest,
+    SessionInfo,
+    SessionRef,
+    SessionState,
+    StepItem,
+    StepRequest,
+    check_forecast,
+)
 from services.schemas.sentiment import SentimentRequest, SentimentResponse
 from services.sentiment import Sentiment
 from services.settings import SETTINGS
@@ -20,9 +36,11 @@ from services.settings import SETTINGS
 @bentoml.service(name="rnnserve", traffic={"timeout": SETTINGS.timeout_s})
 class Api:
     sentiment = bentoml.depends(Sentiment)
+    forecast = bentoml.depends(Forecast)
 
     def __init__(self) -> None:
         self._model_info: dict[str, ModelInfo] = {}
+        self._forecast_spec: ForecastSpec | None = None
 
     async def _info(self, name: str, service) -> ModelInfo:
         if name not in self._model_info:
@@ -36,10 +54,75 @@ class Api:
         results = await self.sentiment.to_async.classify(request.items())
         return SentimentResponse(model=await self._info("sentiment", self.sentiment), results=results)
 
+    async def _spec(self) -> ForecastSpec:
+        if self._forecast_spec is None:
+            spec = await self.forecast.to_async.spec()
+            self._forecast_spec = ForecastSpec.model_validate(spec, from_attributes=True)
+        return self._forecast_spec
+
+    @bentoml.api(route="/v1/forecast")
+    async def forecast_prices(self, request: ForecastRequest, /) -> ForecastResponse:
+        """Forecasts the close for the next 1..horizon business days from a window of daily bars.
+
+        Research/demo output: no trading advice.
+        """
+        spec = await self._spec()
+        try:
+            check_forecast(request, spec)
+        except ValueError as exc:
+            FORECAST_REQUESTS_TOTAL.labels("forecast", "invalid").inc()
+            raise InvalidArgument(str(exc)) from exc
+        [result] = await self.forecast.to_async.forecast([request])
+        FORECAST_REQUESTS_TOTAL.labels("forecast", "ok").inc()
+        return window_response(request, result, spec, await self._info("forecast", self.forecast))
+
+    @bentoml.api(route="/v1/forecast/spec")
+    async def forecast_spec(self) -> ForecastSpec:
+        """Rows the forecast model needs, its horizons and quantiles, and the session limits."""
+        return await self._spec()
+
+    @bentoml.api(route="/v1/forecast/sessions")
+    async def create_forecast_session(self, request: SessionCreateRequest, /) -> SessionInfo:
+        """Opens a streaming session, optionally warmed with history; 429 when the limit is reached."""
+        result = await self.forecast.to_async.create_session(history=request.history)
+        return session_or_raise(result).session
+
+    @bentoml.api(route="/v1/forecast/sessions/step")
+    async def step_forecast_session(self, request: StepRequest, /) -> SessionInfo:
+        """Posts one new bar to a session and returns the next business day's forecast."""
+        item = StepItem(session_id=request.session_id, bar=request.bar)
+        [result] = await self.forecast.to_async.step([item])
+        return session_or_raise(result).session
+
+    @bentoml.api(route="/v1/forecast/sessions/get")
+    async def get_forecast_session(self, request: SessionRef, /) -> SessionInfo:
+        """Reads a session: bars seen, last bar, latest forecast."""
+        result = await self.forecast.to_async.get_session(session_id=request.session_id)
+        return session_or_raise(result).session
+
+    @bentoml.api(route="/v1/forecast/sessions/delete")
+    async def delete_forecast_session(self, request: SessionRef, /) -> Deleted:
+        """Closes a session and frees its state."""
+        result = await self.forecast.to_async.delete_session(session_id=request.session_id)
+        return Deleted(session_id=session_or_raise(result).session.session_id)
+
+    @bentoml.api(route="/v1/forecast/sessions/export")
+    async def export_forecast_session(self, request: SessionRef, /) -> SessionState:
+        """Returns a session's hidden state, to resume it on another replica with import."""
+        result = await self.forecast.to_async.export_session(session_id=request.session_id)
+        return session_or_raise(result).state
+
+    @bentoml.api(route="/v1/forecast/sessions/import")
+    async def import_forecast_session(self, request: SessionState, /) -> SessionInfo:
+        """Opens a new session from an exported state (same model version only)."""
+        result = await self.forecast.to_async.import_session(state=request)
+        return session_or_raise(result).session
+
     @bentoml.api(route="/v1/models")
     async def models(self) -> list[ModelInfo]:
         """Every model this server answers with: name, version, cell and held-out metrics."""
-        return [await self._info("sentiment", self.sentiment)]
+        return [await self._info("sentiment", self.sentiment),
+                await self._info("forecast", self.forecast)]
 
 
 Api.add_asgi_middleware(JsonOnlyMiddleware)

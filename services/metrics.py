@@ -7,7 +7,7 @@ BentoML runs prometheus_client in multiprocess mode, so only Counter, Gauge and 
 
 from __future__ import annotations
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -30,4 +30,53 @@ INFERENCE_SECONDS = Histogram(
     "Wall time of one batched model forward pass.",
     ["model"],
     buckets=SECONDS_BUCKETS,
+)
+
+# Forecast sessions. The gauge is summed over live processes; sessions live in the forecast worker.
+FORECAST_SESSIONS_ACTIVE = Gauge(
+    "rnnserve_forecast_sessions_active",
+    "Open streaming sessions (hidden states held in memory).",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+FORECAST_SESSION_STEPS_TOTAL = Counter(
+    "rnnserve_forecast_session_steps_total",
+    "Bars posted to sessions, by outcome (ok, not_found, invalid).",
+    ["model", "outcome"],
+)
+FORECAST_SESSION_EXPIRATIONS_TOTAL = Counter(
+    "rnnserve_forecast_session_expirations_total",
+    "Sessions removed because they were idle longer than the TTL.",
+    ["model"],
+)
+FORECAST_REQUESTS_TOTAL = Counter(
+    "rnnserve_forecast_requests_total",
+    "Windowed forecast requests, by outcome (ok, invalid).",
+    ["model", "outcome"],
+)
+
+# Captioning. Image bytes are counted for every upload, rejected ones included; decode steps and
+# caption length per generated caption (steps include <eos>; length counts words).
+CAPTION_IMAGE_BYTES = Histogram(
+    "rnnserve_caption_image_bytes",
+    "Size of each uploaded image file, before decoding.",
+    ["model"],
+    buckets=(1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20),
+)
+CAPTION_DECODE_STEPS = Histogram(
+    "rnnserve_caption_decode_steps",
+    "Decoder steps run for each caption (tokens generated, <eos> included).",
+    ["model", "decoder"],
+    buckets=TOKEN_BUCKETS,
+)
+CAPTION_LENGTH_TOKENS = Histogram(
+    "rnnserve_caption_length_tokens",
+    "Words in each generated caption.",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+CAPTION_REJECTED_IMAGES_TOTAL = Counter(
+    "rnnserve_caption_rejected_images_total",
+    "Uploads refused before reaching the model, by HTTP status (400, 413, 415).",
+    ["model", "status"],
 )

@@ -24,6 +24,27 @@ class Settings:
     sentiment_max_latency_ms: int = 1000
     sentiment_workers: int = 1
     sentiment_threads: int = 1
+    # Forecast model service. It always runs ONE worker: sessions (hidden states) live in that
+    # worker's memory. Idle sessions expire after forecast_session_ttl_s; creating one more than
+    # forecast_max_sessions answers 429.
+    forecast_model: str = "forecast:latest"
+    forecast_max_batch_size: int = 64
+    forecast_max_latency_ms: int = 1000
+    forecast_threads: int = 1
+    forecast_max_rows: int = 2000
+    forecast_max_sessions: int = 10000
+    forecast_session_ttl_s: int = 900
+    # Caption model service. Uploads are checked against the byte and pixel limits before any pixel
+    # is decoded (a decompression bomb is refused from its header); beam and length are per request.
+    caption_model: str = "caption:latest"
+    caption_max_batch_size: int = 32
+    caption_max_latency_ms: int = 2000
+    caption_workers: int = 1
+    caption_threads: int = 1
+    caption_max_image_bytes: int = 8 * 1024 * 1024
+    caption_max_image_pixels: int = 4096 * 4096
+    caption_max_beam_size: int = 8
+    caption_max_length: int = 64
     # Request limits, enforced before any work is queued.
     max_items: int = 64
     max_text_chars: int = 2000
@@ -39,6 +60,8 @@ class Settings:
                 raise ValueError(f"{PREFIX}{field.name.upper()} must be >= 1, got {value}")
         if self.sentiment_max_batch_size < 2:
             raise ValueError(f"{PREFIX}SENTIMENT_MAX_BATCH_SIZE must be >= 2 (BentoML's minimum)")
+        if self.forecast_max_batch_size < 2:
+            raise ValueError(f"{PREFIX}FORECAST_MAX_BATCH_SIZE must be >= 2 (BentoML's minimum)")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

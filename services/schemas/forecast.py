@@ -1,0 +1,233 @@
+"""Forecast request and response schemas: windowed forecasts and stateful streaming sessions.
+
+Generic rules (finite, positive prices, High >= Low, dates strictly increasing, size limits) are
+checked here by pydantic, so they answer 400 before any work is queued. Rules that depend on the
+loaded artifact (rows the window needs, the largest horizon, the quantile levels) are checked by
+``check_forecast`` against the model's ``ForecastSpec`` and answer 400 as well.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.schemas.common import ModelInfo
+from services.settings import SETTINGS
+
+MAX_ROWS = SETTINGS.forecast_max_rows
+MAX_HORIZON = 64  # a sanity bound for the schema; the model's own H is checked in check_forecast
+DISCLAIMER = ("Research/demo forecast from a small model on Yahoo Finance data; not trading or "
+              "investment advice.")
+
+# Real TSLA bars (the last 90 of the shipped data), one source for the docs, the tests and Locust.
+EXAMPLE_BARS: list[dict] = json.loads(
+    (Path(__file__).with_name("forecast_example.json")).read_text())["rows"]
+EXAMPLE_BAR = EXAMPLE_BARS[-1]
+FORECAST_EXAMPLE = {"rows": EXAMPLE_BARS[-61:], "horizon": 5, "quantiles": [0.1, 0.5, 0.9]}
+SESSION_CREATE_EXAMPLE = {"history": EXAMPLE_BARS[-31:-1]}
+
+
+class Bar(BaseModel):
+    """One daily OHLCV bar. Prices must be finite and positive, volume finite and non-negative."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_BAR]})
+
+    date: dt.date = Field(description="Trading day, ISO format YYYY-MM-DD.", examples=["2025-07-01"])
+    open: float = Field(gt=0, allow_inf_nan=False, description="Opening price (> 0).")
+    high: float = Field(gt=0, allow_inf_nan=False, description="Highest price (>= low).")
+    low: float = Field(gt=0, allow_inf_nan=False, description="Lowest price (> 0).")
+    close: float = Field(gt=0, allow_inf_nan=False, description="Closing price (> 0).")
+    volume: float = Field(ge=0, allow_inf_nan=False, description="Shares traded (>= 0).")
+
+    @model_validator(mode="after")
+    def _high_not_below_low(self) -> Bar:
+        if self.high < self.low:
+            raise ValueError(f"bar {self.date}: high {self.high} is below low {self.low}; "
+                             "high must be >= low")
+        return self
+
+
+def _check_dates(rows: list[Bar], what: str) -> None:
+    for i in range(1, len(rows)):
+        if rows[i].date <= rows[i - 1].date:
+            kind = "duplicated" if rows[i].date == rows[i - 1].date else "out of order"
+            raise ValueError(f"{what}[{i}] date {rows[i].date} is {kind} after {rows[i - 1].date}; "
+                             "dates must be strictly increasing, oldest first")
+
+
+Rows = list[Bar]
+
+
+class ForecastRequest(BaseModel):
+    """A window of daily bars (oldest first) and how far ahead to forecast."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [FORECAST_EXAMPLE]})
+
+    rows: Rows = Field(min_length=2, max_length=MAX_ROWS,
+                       description=f"Daily bars, oldest first, at most {MAX_ROWS}. The model reads the "
+                       "last window + 1 of them (see /v1/forecast/spec); extra older rows are ignored "
+                       "and the response says so.")
+    horizon: int | None = Field(default=None, ge=1, le=MAX_HORIZON,
+                                description="Forecast business days 1..horizon; at most the model's "
+                                "horizons (default: all of them).")
+    quantiles: list[float] | None = Field(default=None, min_length=1, max_length=16,
+                                          description="Quantile levels to return, from the model's "
+                                          "levels (default: all of them).")
+
+    @model_validator(mode="after")
+    def _dates_increasing(self) -> ForecastRequest:
+        _check_dates(self.rows, "rows")
+        return self
+
+
+class ForecastSpec(BaseModel):
+    """What the loaded artifact reads and returns, and the session limits of this server."""
+
+    window: int = Field(description="Daily returns the many-to-one model reads (rows needed - 1).")
+    rows_needed: int = Field(description="Rows a forecast request must send at least.")
+    horizons: int = Field(description="Largest horizon, in business days.")
+    quantiles: list[float] = Field(description="Quantile levels the model outputs.")
+    interval: list[float] = Field(description="Quantile levels of the calibrated interval.")
+    nominal_coverage: float = Field(description="Nominal coverage of the interval.")
+    max_sessions: int
+    session_ttl_s: int
+
+
+def check_forecast(request: ForecastRequest, spec: ForecastSpec) -> None:
+    """Raises ``ValueError`` naming the limit when ``request`` does not fit the loaded model."""
+    if len(request.rows) < spec.rows_needed:
+        raise ValueError(f"rows has {len(request.rows)} bars; this model needs at least "
+                         f"{spec.rows_needed} (a window of {spec.window} daily returns)")
+    if request.horizon is not None and request.horizon > spec.horizons:
+        raise ValueError(f"horizon {request.horizon} is out of range; this model forecasts 1 to "
+                         f"{spec.horizons} business days")
+    for level in request.quantiles or []:
+        if level not in spec.quantiles:
+            raise ValueError(f"quantile {level} is not available; choose from {spec.quantiles}")
+
+
+class DayForecast(BaseModel):
+    """The forecast for one business day ahead of the last bar."""
+
+    horizon: int = Field(description="Business days after the last bar.", examples=[1])
+    date: dt.date = Field(description="The business day forecast (Mon-Fri; exchange holidays are not "
+                          "skipped).")
+    point: float = Field(description="Median (p50) forecast of the close.")
+    lower: float = Field(description="Lower end of the calibrated interval.")
+    upper: float = Field(description="Upper end of the calibrated interval.")
+    quantiles: dict[str, float] = Field(description="Close forecast at each requested quantile level.",
+                                        examples=[{"0.1": 290.1, "0.5": 318.0, "0.9": 345.2}])
+    log_return: float = Field(description="Median forecast of log(close[t+h] / close[t]).")
+
+
+class WindowResult(BaseModel):
+    """The model service's answer to one window (internal)."""
+
+    forecasts: list[DayForecast] = Field(default_factory=list)
+    rows_used: int = 0
+    error: str | None = None
+
+
+class ForecastResponse(BaseModel):
+    model: ModelInfo
+    last_date: dt.date = Field(description="Date of the last bar sent.")
+    last_close: float
+    forecasts: list[DayForecast] = Field(description="One forecast per horizon, 1..horizon.")
+    interval: list[float] = Field(description="Quantile levels of lower/upper.", examples=[[0.1, 0.9]])
+    nominal_coverage: float = Field(examples=[0.8])
+    rows_received: int
+    rows_used: int = Field(description="Rows the model read (window + 1, the oldest only for its "
+                           "close).")
+    note: str | None = Field(default=None, description="Set when rows were ignored.")
+    disclaimer: str = DISCLAIMER
+
+
+# Sessions ---------------------------------------------------------------------------------------
+
+
+class SessionCreateRequest(BaseModel):
+    """Opens a session, optionally warmed with history (oldest first)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SESSION_CREATE_EXAMPLE]})
+
+    history: Rows | None = Field(default=None, min_length=1, max_length=MAX_ROWS,
+                                 description=f"Up to {MAX_ROWS} bars to run through the model before "
+                                 "the first step.")
+
+    @model_validator(mode="after")
+    def _dates_increasing(self) -> SessionCreateRequest:
+        _check_dates(self.history or [], "history")
+        return self
+
+
+SESSION_ID = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                   description="Session id returned when the session was created.",
+                   examples=["pL3_v2kqJ8x0aQ5wRk9e7A"])
+
+
+class SessionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = SESSION_ID
+
+
+class StepRequest(BaseModel):
+    """One new bar for a session; its date must be after the session's last bar."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"session_id": "pL3_v2kqJ8x0aQ5wRk9e7A", "bar": EXAMPLE_BAR}]})
+
+    session_id: str = SESSION_ID
+    bar: Bar
+
+
+class SessionState(BaseModel):
+    """A session's full state, to resume it on another replica (``/v1/forecast/sessions/import``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: str = Field(description="The artifact version the state belongs to; import "
+                               "refuses another.")
+    state_shape: list[int] = Field(min_length=2, max_length=2,
+                                   description="(state layers, hidden size); LSTM stacks h over c.")
+    state: list[float] = Field(max_length=65536, description="Hidden state, row-major.")
+    last_bar: Bar | None = Field(default=None, description="The last bar seen (features need its "
+                                 "close and volume).")
+    bars_seen: int = Field(ge=0)
+    next: DayForecast | None = None
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    model_version: str
+    bars_seen: int = Field(description="Bars streamed into the session, history included.")
+    last_date: dt.date | None = None
+    last_close: float | None = None
+    ttl_s: int = Field(description="Idle seconds after which the session expires.")
+    next: DayForecast | None = Field(default=None, description="Forecast for the next business day "
+                                  "(many-to-many model); none until two bars have been seen.")
+    disclaimer: str = DISCLAIMER
+
+
+class SessionResult(BaseModel):
+    """The model service's answer about one session (internal): a session, or an error."""
+
+    session: SessionInfo | None = None
+    state: SessionState | None = None
+    error: str | None = Field(default=None, description="not_found, too_many_sessions or invalid.")
+    message: str | None = None
+
+
+class StepItem(BaseModel):
+    """One step of the batchable model-service API (internal)."""
+
+    session_id: str
+    bar: Bar
+
+
+class Deleted(BaseModel):
+    session_id: str
+    deleted: bool = True
