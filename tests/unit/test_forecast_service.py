@@ -1,0 +1,316 @@
+"""The forecast service's pure helpers and session store, on a tiny fixed-weight scripted model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from http import HTTPStatus
+
+import numpy as np
+import pytest
+import torch
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+
+from models.forecast import FEATURES, ForecastConfig, ForecastRNN
+from services.forecast import (
+    ModelSpec,
+    SessionStore,
+    business_dates,
+    forecast_windows,
+    row_features,
+    session_or_raise,
+    window_response,
+)
+from services.metrics import FORECAST_SESSION_EXPIRATIONS_TOTAL, FORECAST_SESSIONS_ACTIVE
+from services.schemas.common import ModelInfo
+from services.schemas.forecast import (
+    EXAMPLE_BARS,
+    FORECAST_EXAMPLE,
+    Bar,
+    ForecastRequest,
+    SessionResult,
+    SessionState,
+    StepItem,
+    check_forecast,
+)
+from training.export import script
+
+WINDOW = 8
+BARS = [Bar.model_validate(row) for row in EXAMPLE_BARS]  # 90 real TSLA bars
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(11)
+    eager = ForecastRNN(ForecastConfig(hidden_size=6, cell="lstm", horizons=3, dropout=0.0))
+    eager.set_normalisation(torch.zeros(len(FEATURES)), torch.full((len(FEATURES),), 0.03), 0.03)
+    return script(eager)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return ModelSpec(version="0123456789abcdef", window=WINDOW, horizons=3, quantiles=(0.1, 0.5, 0.9),
+                     interval=(0.1, 0.9), state_shape=(2, 6))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(model, spec, max_sessions: int = 10, ttl_s: float = 60.0, clock=None) -> SessionStore:
+    return SessionStore(model, spec, max_sessions, ttl_s, clock=clock or Clock(),
+                        model_name="unit_test")
+
+
+def expected_next(model, rows: list[Bar]) -> np.ndarray:
+    """Next-bar log-return quantiles after every bar, from ONE many-to-many pass. (N-1, Q)"""
+    x = torch.tensor([row_features(rows)], dtype=torch.float32)
+    with torch.no_grad():
+        quantiles, _ = model.sequence(x, model.initial_state(1))
+    return quantiles[0].numpy()
+
+
+def assert_same_forecasts(a, b) -> None:
+    """Equal up to float32 rounding (a batch and a single call take different GEMM paths)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert (x.horizon, x.date, set(x.quantiles)) == (y.horizon, y.date, set(y.quantiles))
+        for key in ("point", "lower", "upper", "log_return"):
+            assert getattr(x, key) == pytest.approx(getattr(y, key), rel=1e-5, abs=1e-7)
+
+
+def log_quantiles(result: SessionResult) -> np.ndarray:
+    forecast = result.session.next
+    return np.log(np.array([forecast.quantiles[k] for k in ("0.1", "0.5", "0.9")])
+                  / result.session.last_close)
+
+
+# Windowed forecasts ------------------------------------------------------------------------------
+
+
+def test_business_dates_skip_weekends():
+    friday = dt.date(2025, 6, 27)
+    assert business_dates(friday, 3) == [dt.date(2025, 6, 30), dt.date(2025, 7, 1), dt.date(2025, 7, 2)]
+    assert business_dates(dt.date(2025, 6, 28), 1) == [dt.date(2025, 6, 30)]  # from a Saturday
+
+
+def test_batched_windows_equal_single_calls_and_read_only_the_last_window(model, spec):
+    requests = [ForecastRequest(rows=BARS[: WINDOW + 1 + k], horizon=1 + k % 3) for k in range(5)]
+    batched = forecast_windows(model, spec, requests)
+    for request, result in zip(requests, batched, strict=True):
+        (single,) = forecast_windows(model, spec, [request])
+        assert single.rows_used == result.rows_used
+        assert_same_forecasts(single.forecasts, result.forecasts)
+        assert result.rows_used == WINDOW + 1
+        assert [f.horizon for f in result.forecasts] == list(range(1, (request.horizon or 3) + 1))
+        for forecast in result.forecasts:
+            assert forecast.lower <= forecast.point <= forecast.upper
+            assert forecast.quantiles["0.5"] == forecast.point
+    # Older rows than the window do not change the answer.
+    long = forecast_windows(model, spec, [ForecastRequest(rows=BARS[:40])])[0]
+    short = forecast_windows(model, spec, [ForecastRequest(rows=BARS[40 - WINDOW - 1:40])])[0]
+    assert_same_forecasts(long.forecasts, short.forecasts)
+
+
+def test_forecast_prices_follow_the_model_quantiles(model, spec):
+    rows = BARS[:WINDOW + 1]
+    (result,) = forecast_windows(model, spec, [ForecastRequest(rows=rows, quantiles=[0.9])])
+    with torch.no_grad():
+        quantiles = model(torch.tensor([row_features(rows)], dtype=torch.float32))[0].numpy()
+    last = rows[-1].close
+    for h, forecast in enumerate(result.forecasts):
+        assert forecast.point == pytest.approx(last * math.exp(quantiles[h, 1]), rel=1e-5)
+        assert forecast.upper == pytest.approx(last * math.exp(quantiles[h, 2]), rel=1e-5)
+        assert set(forecast.quantiles) == {"0.9"}
+        assert forecast.date == business_dates(rows[-1].date, 3)[h]
+
+
+def test_response_notes_ignored_rows(model, spec):
+    public = spec.public(10, 60)
+    info = ModelInfo(name="forecast", version=spec.version, task="forecast", cell="lstm")
+    exact = ForecastRequest(rows=BARS[:WINDOW + 1])
+    response = window_response(exact, forecast_windows(model, spec, [exact])[0], public, info)
+    assert (response.rows_received, response.rows_used, response.note) == (WINDOW + 1, WINDOW + 1, None)
+    extra = ForecastRequest(rows=BARS[:30])
+    response = window_response(extra, forecast_windows(model, spec, [extra])[0], public, info)
+    assert response.rows_used == WINDOW + 1
+    assert "30 rows were sent" in response.note and "oldest 21 were ignored" in response.note
+    assert "not trading" in response.disclaimer
+
+
+# Validation ---------------------------------------------------------------------------------------
+
+
+def bar(**changes) -> dict:
+    return {**EXAMPLE_BARS[-1], **changes}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"close": float("nan")}, "finite number"),
+    ({"open": float("inf")}, "finite number"),
+    ({"low": 0.0}, "greater than 0"),
+    ({"close": -3.0}, "greater than 0"),
+    ({"volume": -1.0}, "greater than or equal to 0"),
+    ({"high": 100.0, "low": 101.0}, "high 100.0 is below low 101.0"),
+    ({"date": "2025-13-01"}, "date"),
+])
+def test_bad_bars_are_rejected_with_the_reason(changes, message):
+    with pytest.raises(ValidationError, match=message):
+        Bar.model_validate(bar(**changes))
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([EXAMPLE_BARS[1], EXAMPLE_BARS[0]], "out of order"),
+    ([EXAMPLE_BARS[0], EXAMPLE_BARS[0]], "duplicated"),
+    ([EXAMPLE_BARS[0]], "at least 2"),
+])
+def test_rows_must_be_strictly_increasing(rows, message):
+    with pytest.raises(ValidationError, match=message):
+        ForecastRequest(rows=rows)
+
+
+def test_model_limits_name_the_limit(spec):
+    public = spec.public(10, 60)
+    with pytest.raises(ValueError, match=f"rows has 5 bars; this model needs at least {WINDOW + 1}"):
+        check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:5]), public)
+    with pytest.raises(ValueError, match="horizon 4 is out of range; this model forecasts 1 to 3"):
+        check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:20], horizon=4), public)
+    with pytest.raises(ValueError, match=r"quantile 0.25 is not available; choose from \[0.1, 0.5, 0.9\]"):
+        check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:20], quantiles=[0.25]), public)
+    with pytest.raises(ValidationError, match="less than or equal to 64"):
+        ForecastRequest(rows=EXAMPLE_BARS[:20], horizon=65)
+    ForecastRequest.model_validate(FORECAST_EXAMPLE)
+
+
+@pytest.mark.parametrize(("error", "status"), [("not_found", HTTPStatus.NOT_FOUND),
+                                               ("too_many_sessions", HTTPStatus.TOO_MANY_REQUESTS),
+                                               ("invalid", HTTPStatus.BAD_REQUEST)])
+def test_error_items_map_to_http_statuses(error, status):
+    with pytest.raises(BentoMLException) as caught:
+        session_or_raise(SessionResult(error=error, message="why"))
+    assert caught.value.error_code == status and "why" in str(caught.value)
+
+
+# Sessions -----------------------------------------------------------------------------------------
+
+
+def test_streaming_bars_one_by_one_equals_one_many_to_many_pass(model, spec):
+    sessions = store(model, spec)
+    created = sessions.create()
+    session_id = created.session.session_id
+    assert created.session.bars_seen == 0 and created.session.next is None
+    first = sessions.step([StepItem(session_id=session_id, bar=BARS[0])])[0]
+    assert first.session.next is None  # one bar gives no return yet
+    expected = expected_next(model, BARS[:40])
+    for t in range(1, 40):
+        result = sessions.step([StepItem(session_id=session_id, bar=BARS[t])])[0]
+        np.testing.assert_allclose(log_quantiles(result), expected[t - 1], rtol=1e-4, atol=1e-5)
+    assert result.session.bars_seen == 40
+
+
+def test_history_warms_the_state_like_streaming_it(model, spec):
+    sessions = store(model, spec)
+    warm = sessions.create(BARS[:20]).session
+    streamed = sessions.create(BARS[:5]).session.session_id
+    for t in range(5, 20):
+        last = sessions.step([StepItem(session_id=streamed, bar=BARS[t])])[0]
+    np.testing.assert_allclose(log_quantiles(last), log_quantiles(SessionResult(session=warm)),
+                               rtol=1e-4, atol=1e-6)
+    assert warm.next.date == business_dates(BARS[19].date, 1)[0]
+
+
+def test_steps_of_many_sessions_are_one_batch_and_equal_separate_steps(model, spec):
+    together, apart = store(model, spec), store(model, spec)
+    histories = [BARS[:10], BARS[:25], BARS[:3]]
+    ids_together = [together.create(h).session.session_id for h in histories]
+    ids_apart = [apart.create(h).session.session_id for h in histories]
+    new_bars = [BARS[10], BARS[25], BARS[3]]
+    batched = together.step([StepItem(session_id=s, bar=b) for s, b in zip(ids_together, new_bars,
+                                                                               strict=True)])
+    for session_id, new_bar, result in zip(ids_apart, new_bars, batched, strict=True):
+        (single,) = apart.step([StepItem(session_id=session_id, bar=new_bar)])
+        np.testing.assert_allclose(log_quantiles(result), log_quantiles(single), rtol=1e-5, atol=1e-6)
+
+
+def test_a_session_twice_in_one_batch_advances_in_order(model, spec):
+    sessions = store(model, spec)
+    session_id = sessions.create(BARS[:10]).session.session_id
+    results = sessions.step([StepItem(session_id=session_id, bar=BARS[10]),
+                             StepItem(session_id=session_id, bar=BARS[11])])
+    assert [r.session.bars_seen for r in results] == [11, 12]
+    np.testing.assert_allclose(log_quantiles(results[1]), expected_next(model, BARS[:12])[-1],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_bad_step_and_unknown_session_never_change_a_session(model, spec):
+    sessions = store(model, spec)
+    session_id = sessions.create(BARS[:10]).session.session_id
+    before = sessions.export(session_id).state
+    results = sessions.step([StepItem(session_id=session_id, bar=BARS[9]),  # same date again
+                             StepItem(session_id=session_id, bar=BARS[4]),  # earlier date
+                             StepItem(session_id="missing", bar=BARS[10])])
+    assert [r.error for r in results] == ["invalid", "invalid", "not_found"]
+    assert "duplicates the session's last bar" in results[0].message
+    assert "is before the session's last bar" in results[1].message
+    assert "unknown or expired" in results[2].message
+    assert sessions.export(session_id).state == before
+
+
+def test_idle_sessions_expire_after_the_ttl(model, spec):
+    clock = Clock()
+    sessions = store(model, spec, ttl_s=30, clock=clock)
+    expirations = FORECAST_SESSION_EXPIRATIONS_TOTAL.labels("unit_test")
+    before = expirations._value.get()
+    idle = sessions.create(BARS[:5]).session.session_id
+    clock.now += 20
+    busy = sessions.create(BARS[:5]).session.session_id
+    clock.now += 15  # idle: 35 s without use; busy: 15 s
+    assert sessions.get(busy).session is not None
+    result = sessions.get(idle)
+    assert result.error == "not_found" and "expired after more than 30 s idle" in result.message
+    assert expirations._value.get() == before + 1
+    assert FORECAST_SESSIONS_ACTIVE.labels("unit_test")._value.get() == 1
+    clock.now += 29  # every call refreshes the TTL
+    assert sessions.step([StepItem(session_id=busy, bar=BARS[5])])[0].error is None
+
+
+def test_max_sessions_answers_too_many_until_one_is_deleted(model, spec):
+    sessions = store(model, spec, max_sessions=2)
+    first = sessions.create().session.session_id
+    sessions.create()
+    full = sessions.create(BARS[:5])
+    assert full.error == "too_many_sessions"
+    assert "2 sessions are open; the limit is 2" in full.message
+    assert sessions.delete(first).session.session_id == first
+    assert sessions.delete(first).error == "not_found"
+    assert sessions.create().error is None
+
+
+def test_exported_state_resumes_exactly_elsewhere(model, spec):
+    here, elsewhere = store(model, spec), store(model, spec)
+    session_id = here.create(BARS[:30]).session.session_id
+    exported = SessionState.model_validate_json(here.export(session_id).state.model_dump_json())
+    resumed = elsewhere.import_state(exported).session
+    assert resumed.bars_seen == 30 and resumed.next == here.get(session_id).session.next
+    a = here.step([StepItem(session_id=session_id, bar=BARS[30])])[0].session.next
+    b = elsewhere.step([StepItem(session_id=resumed.session_id, bar=BARS[30])])[0].session.next
+    assert a == b
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"model_version": "ffffffffffffffff"}, "exported from model version ffffffffffffffff"),
+    ({"state_shape": [1, 6]}, "does not match the model's [2, 6]"),
+    ({"state": [0.0] * 11}, "state has 11 values"),
+    ({"state": [float("nan")] * 12}, "NaN or infinite"),
+    ({"last_bar": None}, "last_bar must be set"),
+])
+def test_import_rejects_foreign_or_broken_states(model, spec, changes, message):
+    sessions = store(model, spec)
+    exported = sessions.export(sessions.create(BARS[:5]).session.session_id).state
+    result = sessions.import_state(exported.model_copy(update=changes))
+    assert result.error == "invalid" and message in result.message
