@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Assembles the build context for deploy/Dockerfile in DIR, using the network on the host only:
+#   DIR/wheelhouse/  every wheel the image installs (the project itself included), via `pip wheel`
+#   DIR/artifacts/   a copy of the trained artifacts (model.pt + metadata.json per model)
+# Usage: deploy/context.sh DIR   (PYTHON, ARTIFACTS_DIR may be overridden)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${1:?usage: deploy/context.sh DIR}"
+python="${PYTHON:-python3.11}"
+artifacts="${ARTIFACTS_DIR:-$root/models/artifacts}"
+
+mkdir -p "$out/wheelhouse"
+rm -rf "$out/artifacts" && mkdir -p "$out/artifacts"
+# The image runs CPython 3.11 on glibc (Debian 12); the host interpreter must match that ABI.
+"$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
+# Wheels already in the wheelhouse are reused, so a second run needs no network at all.
+"$python" -m pip wheel --quiet --wheel-dir "$out/wheelhouse" --find-links "$out/wheelhouse" "$root"
+found=0
+for dir in "$artifacts"/*/; do
+    [ -f "$dir/model.pt" ] || continue
+    name="$(basename "$dir")"
+    mkdir -p "$out/artifacts/$name"
+    cp "$dir/model.pt" "$dir/metadata.json" "$out/artifacts/$name/"
+    found=$((found + 1))
+done
+[ "$found" -gt 0 ] || { echo "no artifact with a model.pt under $artifacts" >&2; exit 1; }
+echo "context $out: $(ls "$out/wheelhouse" | wc -l) wheels ($(du -sh "$out/wheelhouse" | cut -f1)), $found artifacts"
