@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load train-sentiment clean
+.PHONY: setup register serve test lint unit integration e2e load train-sentiment clean validate-manifests smoke image-context gpu-check thread-bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,29 @@ load: register
 
 train-sentiment: setup
 	$(BIN)/python -m training.train_sentiment
+
+## Deployment checks without a cluster: kustomize + kubernetes-validate (1.30, 1.37), ServiceMonitor
+## schema, promtool rules and rule unit tests, dashboard queries (also part of `make test`).
+validate-manifests: setup
+	$(BIN)/python -m pytest tests/unit/test_manifests.py
+
+## Build context for deploy/Dockerfile (wheelhouse + artifacts) in $(CONTEXT); needs PyPI on the host.
+CONTEXT ?= /var/tmp/rnnserve-context
+image-context: setup
+	PYTHON=$(BIN)/python deploy/context.sh $(CONTEXT)
+
+## Container smoke test with Podman as root (Debian podman buildah runc debootstrap): build offline,
+## `podman kube play` the Deployment, one request per model, report size and time to ready, tear down.
+smoke: setup
+	PYTHON=$(abspath $(BIN))/python deploy/smoke.sh
+
+## On a CUDA machine: every model on cuda against cpu, outputs within tolerance, throughput ratio.
+gpu-check: register
+	PYTHON=$(abspath $(BIN))/python deploy/gpu_check.sh
+
+## CPU threads per worker against workers, for the sentiment service (prints a table).
+thread-bench: register
+	$(BIN)/python deploy/thread_bench.py
 
 clean:
 	rm -rf $(VENV) load/reports .pytest_cache .ruff_cache
