@@ -2,7 +2,12 @@
 # Assembles the build context for deploy/Dockerfile in DIR, using the network on the host only:
 #   DIR/wheelhouse/  every wheel the image installs (the project itself included), via `pip wheel`
 #   DIR/artifacts/   a copy of the trained artifacts (model.pt + metadata.json per model)
-# Usage: deploy/context.sh DIR   (PYTHON, ARTIFACTS_DIR may be overridden)
+# Usage: deploy/context.sh DIR   (PYTHON, ARTIFACTS_DIR, TORCH_WHEEL may be set)
+#
+# torch: PyPI's linux wheel of torch 2.13.0 is the CUDA build (with its nvidia-* wheels, GBs). For the
+# CPU image put the CPU wheel in the wheelhouse first (TORCH_WHEEL=path/to/torch-2.13.0+cpu-...whl, or
+# have it on pip's --find-links as this machine does): its local version "+cpu" sorts above "2.13.0",
+# so pip takes it. For the GPU image (overlays/gpu) leave it out and let pip resolve the CUDA build.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:?usage: deploy/context.sh DIR}"
@@ -10,6 +15,8 @@ python="${PYTHON:-python3.11}"
 artifacts="${ARTIFACTS_DIR:-$root/models/artifacts}"
 
 mkdir -p "$out/wheelhouse"
+[ -z "${TORCH_WHEEL:-}" ] || cp "$TORCH_WHEEL" "$out/wheelhouse/"
+rm -f "$out"/wheelhouse/rnnserve-*.whl  # the project itself is always rebuilt from this checkout
 rm -rf "$out/artifacts" && mkdir -p "$out/artifacts"
 # The image runs CPython 3.11 on glibc (Debian 12); the host interpreter must match that ABI.
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'

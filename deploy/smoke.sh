@@ -62,7 +62,9 @@ log "assemble the build context in $context"
 PYTHON="$PYTHON" deploy/context.sh "$context"
 log "build $IMAGE (network: none)"
 build_started=$(date +%s)
-podman build --network=none --pull=never --format docker -f deploy/Dockerfile -t "$IMAGE" "$context" \
+# `podman build` (buildah) ignores containers.conf's default_ulimits: the same limits are passed here.
+podman build --network=none --pull=never --format docker \
+    --ulimit nofile=16384:16384 --ulimit nproc=16384:16384 -f deploy/Dockerfile -t "$IMAGE" "$context" \
     > "$SMOKE_DIR/build.log" 2>&1 || { tail -30 "$SMOKE_DIR/build.log"; exit 1; }
 image_bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 log "built in $(( $(date +%s) - build_started )) s; image size $(( image_bytes / 1000000 )) MB"
