@@ -382,6 +382,11 @@ class SessionStore:
     # Exactly one worker: sessions are this process's memory (see the module docstring).
     workers=1,
     traffic={"timeout": SETTINGS.timeout_s},
+    # BentoML 1.4.40's client in the entry service replaces its aiohttp session every 100 requests
+    # (default runner_connection.max_requests) and closes the old one while other requests are still
+    # in flight on it; under concurrent load those fail with ServerDisconnectedError, i.e. a 500
+    # (bentoml/BentoML#5540, #5698). Calls go over a local socket, so never recycling is safe.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Forecast:
     bento_model = bentoml.models.BentoModel(SETTINGS.forecast_model)

@@ -33,7 +33,7 @@ SESSION_CREATE_EXAMPLE = {"history": EXAMPLE_BARS[-31:-1]}
 class Bar(BaseModel):
     """One daily OHLCV bar. Prices must be finite and positive, volume finite and non-negative."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_BAR]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": EXAMPLE_BAR})
 
     date: dt.date = Field(description="Trading day, ISO format YYYY-MM-DD.", examples=["2025-07-01"])
     open: float = Field(gt=0, allow_inf_nan=False, description="Opening price (> 0).")
@@ -64,7 +64,7 @@ Rows = list[Bar]
 class ForecastRequest(BaseModel):
     """A window of daily bars (oldest first) and how far ahead to forecast."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [FORECAST_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": FORECAST_EXAMPLE})
 
     rows: Rows = Field(min_length=2, max_length=MAX_ROWS,
                        description=f"Daily bars, oldest first, at most {MAX_ROWS}. The model reads the "
@@ -151,7 +151,7 @@ class ForecastResponse(BaseModel):
 class SessionCreateRequest(BaseModel):
     """Opens a session, optionally warmed with history (oldest first)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SESSION_CREATE_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": SESSION_CREATE_EXAMPLE})
 
     history: Rows | None = Field(default=None, min_length=1, max_length=MAX_ROWS,
                                  description=f"Up to {MAX_ROWS} bars to run through the model before "
@@ -177,8 +177,8 @@ class SessionRef(BaseModel):
 class StepRequest(BaseModel):
     """One new bar for a session; its date must be after the session's last bar."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"session_id": "pL3_v2kqJ8x0aQ5wRk9e7A", "bar": EXAMPLE_BAR}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "session_id": "pL3_v2kqJ8x0aQ5wRk9e7A", "bar": EXAMPLE_BAR}})
 
     session_id: str = SESSION_ID
     bar: Bar
