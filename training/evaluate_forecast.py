@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     from services.artifacts import load_artifact
 
     model, metadata = load_artifact(config.artifact_dir)
+    sha256 = json.loads((Path(config.artifact_dir) / "metadata.json").read_text())["sha256"]
     bars = read_yahoo_csv(config.csv_path)
     train_config = metadata["train_config"]
     split = chronological_split(bars, train_config["val_months"], train_config["test_months"])
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "forecast_eval.json").write_text(json.dumps(
-        {"summary": report["summary"], "table": report["table"], "model": metadata["sha256"][:16],
+        {"summary": report["summary"], "table": report["table"], "model": sha256[:16],
          "cell": metadata["cell"]}, indent=1) + "\n")
     shown = tuple(sorted({1, metadata["horizons"]}))
     table = markdown_table(report["table"], shown)
