@@ -50,6 +50,11 @@ load: register
 train-sentiment: setup
 	$(BIN)/python -m training.train_sentiment
 
+## Vanishing/exploding gradients measured (tanh RNN, GRU, LSTM): charts and table in
+## training/reports/gradients/.
+gradient-study: setup
+	$(BIN)/python -m training.gradient_study
+
 ## Deployment checks without a cluster: kustomize + kubernetes-validate (1.30, 1.37), ServiceMonitor
 ## schema, promtool rules and rule unit tests, dashboard queries (also part of `make test`).
 validate-manifests: setup
