@@ -11,6 +11,7 @@ from __future__ import annotations
 import bentoml
 from bentoml.exceptions import InvalidArgument
 
+from services.errors import GuardMiddleware, guard_dependencies, tolerate_load_failures
 from services.forecast import Forecast, session_or_raise, window_response
 from services.http import JsonOnlyMiddleware
 from services.metrics import FORECAST_REQUESTS_TOTAL
@@ -125,4 +126,10 @@ class Api:
                 await self._info("forecast", self.forecast)]
 
 
+# Outermost first: limits, token, overload, timeout and the one error shape (services/errors.py).
+# Caption routes take a base64 or uploaded image, so their body limit follows the image limit.
+Api.add_asgi_middleware(GuardMiddleware, service=Api, body_limits={
+    "/v1/caption": (SETTINGS.caption_max_image_bytes + 2) // 3 * 4 + (1 << 16)})
+guard_dependencies(Api)
+tolerate_load_failures(Api)
 Api.add_asgi_middleware(JsonOnlyMiddleware)

@@ -80,3 +80,17 @@ CAPTION_REJECTED_IMAGES_TOTAL = Counter(
     "Uploads refused before reaching the model, by HTTP status (400, 413, 415).",
     ["model", "status"],
 )
+
+# Reliability (services/errors.py). ``reason`` is the error code of the refusal (body_too_large,
+# overloaded, timeout, invalid_json, unauthorized, model_unavailable, ...): a small fixed set.
+REJECTED_REQUESTS_TOTAL = Counter(
+    "rnnserve_http_rejected_requests_total",
+    "Requests the entry service refused before or instead of a model answer, by error code.",
+    ["reason"],
+)
+MODEL_LOAD_FAILED = Gauge(
+    "rnnserve_model_load_failed",
+    "1 while a model service runs without its model (artifact missing, truncated or tampered).",
+    ["model"],
+    multiprocess_mode="livemax",
+)

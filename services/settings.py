@@ -50,6 +50,17 @@ class Settings:
     max_text_chars: int = 2000
     # Per-request timeout of every service, in seconds.
     timeout_s: int = 30
+    # What the entry service lets in (services/errors.py, SECURITY.md). Bodies over max_body_bytes get
+    # 413 (caption routes allow a base64 image, see services/api.py); JSON deeper than max_json_depth
+    # gets 400. More than max_in_flight requests in progress on the entry worker get 503 with
+    # Retry-After: retry_after_s. When api_token is set, POSTs to the comma-separated path prefixes
+    # in api_token_paths (the state-changing session endpoints) need "Authorization: Bearer <token>".
+    max_body_bytes: int = 1 << 20
+    max_json_depth: int = 32
+    max_in_flight: int = 128
+    retry_after_s: int = 1
+    api_token: str = ""
+    api_token_paths: str = "/v1/forecast/sessions"
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):

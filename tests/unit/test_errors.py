@@ -1,0 +1,282 @@
+"""The entry service's guard (services/errors.py) on a fake ASGI app: no server, no model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from starlette.types import Receive, Scope, Send
+
+from services.artifacts import ArtifactError
+from services.errors import (
+    GuardMiddleware,
+    _dependency_failure,
+    _refuse_when_not_loaded,
+    check_json,
+    field_path,
+    patch_openapi,
+    shape_error,
+    token_ok,
+)
+
+PYDANTIC_400 = {
+    "error": "1 validation error for SentimentRequestIODescriptor",
+    "detail": [{"type": "too_long", "loc": ["texts"], "msg": "List should have at most 64 items"}],
+}
+
+
+async def fake_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers like BentoML would: by path, after reading the whole body."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    status, payload = 200, body or b"{}"
+    if path == "/v1/pydantic":
+        status, payload = 400, json.dumps(PYDANTIC_400).encode()
+    elif path == "/v1/bento4xx":
+        status, payload = 404, json.dumps([{"error": "session abc is unknown"}]).encode()
+    elif path == "/v1/crash":
+        status, payload = 500, b'{"error": "Traceback: /work/main/services/x.py line 3 KeyError"}'
+    elif path == "/v1/plain":
+        status, payload = 405, b"Method Not Allowed"
+    elif path == "/v1/slow":
+        await asyncio.sleep(30)
+    elif path == "/docs.json":
+        payload = json.dumps({"paths": {"/v1/forecast/sessions": {"post": {"responses": {}}},
+                                        "/v1/caption": {"post": {"responses": {}}}},
+                              "components": {"schemas": {"InvalidArgument": {"description": "Bad"}}},
+                              }).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"42")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def guard(**kwargs) -> GuardMiddleware:
+    options = {"max_body_bytes": 1000, "max_json_depth": 8, "max_in_flight": 4, "timeout_s": 5.0,
+               "retry_after_s": 2, "api_token": "", "token_paths": ["/v1/forecast/sessions"]}
+    return GuardMiddleware(fake_app, **{**options, **kwargs})
+
+
+def run(app: GuardMiddleware, *requests: dict) -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return list(await asyncio.gather(*(client.request(**r) for r in requests)))
+
+    return asyncio.run(go())
+
+
+def post(path: str, content: bytes | None = None, json_body=None, headers=None) -> dict:
+    headers = {"content-type": "application/json", **(headers or {})}
+    if json_body is not None:
+        content = json.dumps(json_body).encode()
+    return {"method": "POST", "url": path, "content": content, "headers": headers}
+
+
+def assert_shape(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    assert set(body["error"]) == {"code", "message", "field"}
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["detail"], list)
+    return body
+
+
+def test_valid_json_reaches_the_app_unchanged():
+    [response] = run(guard(), post("/v1/echo", json_body={"text": "fine", "n": [1, 2.5]}))
+    assert response.status_code == 200
+    assert response.json() == {"text": "fine", "n": [1, 2.5]}
+
+
+BAD_BODIES = [
+    ("invalid utf-8", b'{"text": "\xff\xfe"}', "invalid_utf8", None),
+    ("syntax error", b'{"text": "unterminated', "invalid_json", None),
+    ("too deep", json.dumps({"a": [[[[[[[[[1]]]]]]]]]}).encode(), "too_deeply_nested", "a" + "[0]" * 8),
+    ("recursion", b"[" * 50000 + b"]" * 50000, "too_deeply_nested", None),
+    ("overflowing float", b'{"rows": [{"close": 1e999}]}', "number_out_of_range", "rows[0].close"),
+    ("NaN", b'{"x": NaN}', "number_out_of_range", "x"),
+    ("-Infinity", b'{"x": [-Infinity]}', "number_out_of_range", "x[0]"),
+    ("integer beyond float", b'{"x": ' + b"9" * 400 + b"}", "number_out_of_range", "x"),
+    ("lone surrogate", b'{"text": "\\ud800"}', "invalid_unicode", "text"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "code", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_json_bodies_get_400_with_code_and_field(case, body, code, field):
+    app = guard(max_body_bytes=1 << 20)
+    [response] = run(app, post("/v1/echo", body))
+    result = assert_shape(response, 400, code)
+    assert result["error"]["field"] == field
+    assert "Invalid JSON" in result["error"]["message"] or code != "invalid_json"
+
+
+def test_huge_integer_literal_is_refused_not_crashed():
+    assert check_json(b'{"x": ' + b"9" * 5000 + b"}", 8).code == "number_out_of_range"
+
+
+def test_body_over_the_limit_is_413_from_content_length_and_from_the_stream():
+    app = guard()
+    [declared] = run(app, post("/v1/echo", b"{" + b" " * 2000 + b"}"))
+    body = assert_shape(declared, 413, "body_too_large")
+    assert "1,000 bytes" in body["error"]["message"]
+
+    async def chunks():
+        for _ in range(20):
+            yield b" " * 100
+
+    [streamed] = run(app, {"method": "POST", "url": "/v1/echo", "content": chunks(),
+                           "headers": {"content-type": "application/json"}})
+    assert_shape(streamed, 413, "body_too_large")
+    assert app.in_flight == 0
+
+
+def test_body_limit_follows_the_longest_matching_prefix():
+    app = guard(body_limits={"/v1/caption": 5000})
+    ok, refused = run(app, post("/v1/caption", json_body={"image": "a" * 3000}),
+                      post("/v1/echo", json_body={"image": "a" * 3000}))
+    assert ok.status_code == 200
+    assert_shape(refused, 413, "body_too_large")
+
+
+def test_pydantic_400_keeps_detail_and_names_the_field():
+    [response] = run(guard(), post("/v1/pydantic", json_body={}))
+    body = assert_shape(response, 400, "validation_error")
+    assert body["error"]["field"] == "texts"
+    assert "at most 64 items" in body["error"]["message"]
+    assert body["detail"] == PYDANTIC_400["detail"]
+
+
+def test_bentoml_list_body_and_plain_text_errors_are_shaped():
+    listed, plain = run(guard(), post("/v1/bento4xx", json_body={}), post("/v1/plain", json_body={}))
+    assert assert_shape(listed, 404, "not_found")["error"]["message"] == "session abc is unknown"
+    assert assert_shape(plain, 405, "method_not_allowed")["error"]["message"] == "Method Not Allowed"
+    assert listed.headers["x-request-id"] == "42"
+
+
+def test_5xx_never_leaks_the_exception_text():
+    [response] = run(guard(), post("/v1/crash", json_body={}))
+    body = assert_shape(response, 500, "internal_error")
+    assert "Traceback" not in response.text and "/work" not in response.text
+    assert body["detail"] == []
+
+
+def test_forwarded_model_service_error_is_unwrapped():
+    inner = json.dumps(PYDANTIC_400)
+    shaped = shape_error(400, json.dumps([{"error": inner}]).encode(), retry_after_s=1, timeout_s=1)
+    assert shaped["error"]["code"] == "validation_error"
+    assert shaped["detail"] == PYDANTIC_400["detail"]
+
+
+def test_503_has_retry_after_and_a_generic_message():
+    shaped = shape_error(503, b'{"error": "An unexpected error has occurred"}', retry_after_s=3, timeout_s=9)
+    assert shaped["error"]["code"] == "unavailable"
+    assert "3 s" in shaped["error"]["message"]
+
+
+def test_requests_past_max_in_flight_get_503_with_retry_after():
+    app = guard(max_in_flight=2, timeout_s=0.5)
+    responses = run(app, *(post("/v1/slow", json_body={}) for _ in range(5)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [503] * 5
+    codes = sorted(r.json()["error"]["code"] for r in responses)
+    assert codes == ["overloaded"] * 3 + ["timeout"] * 2
+    assert all(r.headers["retry-after"] == "2" for r in responses)
+    assert app.in_flight == 0
+
+
+def test_token_protects_only_the_configured_paths():
+    app = guard(api_token="s3cret")
+    missing, wrong, bearer, header, other = run(
+        app,
+        post("/v1/forecast/sessions", json_body={}),
+        post("/v1/forecast/sessions/delete", json_body={}, headers={"authorization": "Bearer nope"}),
+        post("/v1/forecast/sessions", json_body={}, headers={"authorization": "Bearer s3cret"}),
+        post("/v1/forecast/sessions/delete", json_body={}, headers={"x-api-token": "s3cret"}),
+        post("/v1/echo", json_body={}),
+    )
+    assert assert_shape(missing, 401, "unauthorized")["error"]["field"] == "Authorization"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_shape(wrong, 401, "unauthorized")
+    assert bearer.status_code == header.status_code == other.status_code == 200
+
+
+def test_token_ok_is_disabled_by_an_empty_token():
+    assert token_ok({}, "")
+    assert not token_ok({}, "x")
+    assert token_ok({b"authorization": b"bearer x"}, "x")
+
+
+def test_docs_json_documents_the_error_shape_and_statuses():
+    [response] = run(guard(api_token="t", body_limits={"/v1/caption": 5000}),
+                     {"method": "GET", "url": "/docs.json"})
+    spec = response.json()
+    assert spec["components"]["schemas"]["InvalidArgument"]["required"] == ["error", "detail"]
+    sessions = spec["paths"]["/v1/forecast/sessions"]["post"]["responses"]
+    assert {"400", "401", "413", "415", "429", "503"} <= set(sessions)
+    assert "Retry-After" in sessions["503"]["headers"]
+    assert "5,000 bytes" in spec["paths"]["/v1/caption"]["post"]["responses"]["413"]["description"]
+    assert "401" not in spec["paths"]["/v1/caption"]["post"]["responses"]
+
+
+def test_patch_openapi_leaves_other_paths_alone():
+    spec = {"paths": {"/readyz": {"get": {"responses": {"200": {}}}}}}
+    assert patch_openapi(spec, prefix="/v1/", token_paths=(), token_enabled=False, max_body_bytes=1,
+                         body_limits={}) == {**spec, "components": patch_openapi(
+                             spec, prefix="/v1/", token_paths=(), token_enabled=False,
+                             max_body_bytes=1, body_limits={})["components"]}
+
+
+def test_field_path():
+    assert field_path(["rows", 3, "high"]) == "rows[3].high"
+    assert field_path([]) is None
+    assert field_path([0, "x"]) == "[0].x"
+
+
+def test_dependency_failures_map_to_503_and_bugs_do_not():
+    import aiohttp
+
+    assert _dependency_failure(ServiceUnavailable("shed")).status == 503
+    assert _dependency_failure(BentoMLException("busy", error_code=429)).code == "model_unavailable"
+    assert _dependency_failure(aiohttp.ServerDisconnectedError()).status == 503
+    assert _dependency_failure(TimeoutError()).status == 503
+    assert _dependency_failure(BentoMLException("bug")) is None
+    assert _dependency_failure(KeyError("x")) is None
+
+
+def test_a_service_that_failed_to_load_refuses_every_kind_of_call():
+    class Broken:
+        __rnnserve_load_error__ = "model.pt: sha256 mismatch"
+
+    def plain(self, x):
+        return x
+
+    async def coro(self, x):
+        return x
+
+    async def agen(self, x):
+        yield x
+
+    with pytest.raises(ServiceUnavailable, match="sha256 mismatch"):
+        _refuse_when_not_loaded(plain, "m")(Broken(), 1)
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(_refuse_when_not_loaded(coro, "m")(Broken(), 1))
+
+    async def consume():
+        return [x async for x in _refuse_when_not_loaded(agen, "m")(Broken(), 1)]
+
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(consume())
+
+    class Fine:
+        pass
+
+    assert _refuse_when_not_loaded(plain, "m")(Fine(), 7) == 7
+    assert issubclass(ArtifactError, RuntimeError)
