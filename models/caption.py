@@ -1,0 +1,342 @@
+"""Image captioner: CNN encoder -> recurrent decoder, one image in, a sentence out (one-to-many).
+
+The encoder's flattened feature map sets the decoder's initial hidden state (Vinyals et al. 2015,
+"Show and Tell"); optionally the decoder also attends over the spatial features at every step
+(Xu et al. 2015, "Show, Attend and Tell", with the additive score of Bahdanau et al. 2015). Greedy
+and beam decoding are methods of the model, exported with TorchScript, so serving needs no Python
+model code. Inputs are normalised float images; the normalisation lives in the artifact metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from models.rnn import CELLS, make_rnn
+from models.text import PAD, PAD_ID, UNK
+
+BOS, EOS = "<bos>", "<eos>"
+BOS_ID, EOS_ID = 2, 3
+SPECIALS = (PAD, UNK, BOS, EOS)
+
+
+def caption_vocab(words: list[str]) -> list[str]:
+    """The decoder vocabulary: ``<pad> <unk> <bos> <eos>`` then ``words`` (deduplicated, in order)."""
+    seen = dict.fromkeys(w for w in words if w not in SPECIALS)
+    return [*SPECIALS, *seen]
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    vocab_size: int
+    image_size: int = 64
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # one conv block each; all but the last halve H, W
+    embedding_dim: int = 64
+    hidden_size: int = 256
+    num_layers: int = 1
+    cell: str = "gru"
+    attention: bool = False
+    attention_size: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.vocab_size <= EOS_ID:
+            raise ValueError(f"vocab_size {self.vocab_size} leaves no room for words after the specials")
+        if len(self.channels) < 1:
+            raise ValueError("channels needs at least one conv block")
+        if self.image_size % (2 ** (len(self.channels) - 1)):
+            raise ValueError(f"image_size {self.image_size} must be divisible by "
+                             f"{2 ** (len(self.channels) - 1)} ({len(self.channels)} conv blocks)")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the encoder's output feature map."""
+        return self.image_size // 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ImageEncoder(nn.Module):
+    """Conv blocks over RGB plus two coordinate channels.
+
+    The coordinate channels (Liu et al. 2018, "CoordConv") give every feature its absolute position,
+    which a caption that names positions ("at the top left") needs, and which padding alone conveys
+    only near the borders.
+
+    Shape:
+        images: (B, 3, S, S) normalised float.
+        output: (B, G*G, C) spatial features with G = S / 2**(blocks - 1), C = channels[-1].
+    """
+
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3 + 2
+        for index, out_channels in enumerate(config.channels):
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+            if index < len(config.channels) - 1:
+                layers.append(nn.MaxPool2d(2))
+            in_channels = out_channels
+        self.blocks = nn.Sequential(*layers)
+        steps = torch.linspace(-1.0, 1.0, config.image_size)
+        ys, xs = torch.meshgrid(steps, steps, indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys]).unsqueeze(0), persistent=False)  # (1,2,S,S)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch_size = images.size(0)
+        coords = self.coords.expand(batch_size, -1, -1, -1)  # (B, 2, S, S)
+        features = self.blocks(torch.cat([images, coords], dim=1))  # (B, C, G, G)
+        return features.flatten(2).transpose(1, 2)  # (B, G*G, C)
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention: score_n = v . tanh(W_k m_n + W_q h). Keys are computed once per image.
+
+    Shape:
+        keys(memory): (B, N, C) -> (B, N, A).
+        forward: query (B, H), memory (B, N, C), keys (B, N, A) -> context (B, C), weights (B, N).
+    """
+
+    def __init__(self, memory_size: int, query_size: int, attention_size: int):
+        super().__init__()
+        self.key = nn.Linear(memory_size, attention_size)
+        self.query = nn.Linear(query_size, attention_size, bias=False)
+        self.score = nn.Linear(attention_size, 1, bias=False)
+        self.context_size = memory_size
+
+    def keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key(memory)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor,
+                keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        energy = torch.tanh(keys + self.query(query).unsqueeze(1))  # (B, N, A)
+        weights = torch.softmax(self.score(energy).squeeze(2), dim=1)  # (B, N)
+        context = torch.bmm(weights.unsqueeze(1), memory).squeeze(1)  # (B, C)
+        return context, weights
+
+
+class NoAttention(nn.Module):
+    """Stands in for ``AdditiveAttention`` when attention is off: an empty context, (B, 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.context_size = 0
+
+    def keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return memory[:, :, :0]  # (B, N, 0)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor,
+                keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return query[:, :0], memory[:, :, 0] * 0.0  # (B, 0), (B, N)
+
+
+class Recurrence(nn.Module):
+    """One interface, ``(x, h, c) -> (out, h, c)``, over any cell; ``c`` passes through unless LSTM.
+
+    TorchScript fixes each submodule's type at scripting time, so the cell choice is a choice of
+    wrapper class rather than a branch on a flag.
+    """
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, inputs: torch.Tensor, h: torch.Tensor,
+                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs, h = self.rnn(inputs, h)
+        return outputs, h, c
+
+
+class LstmRecurrence(Recurrence):
+    def forward(self, inputs: torch.Tensor, h: torch.Tensor,
+                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs, (h, c) = self.rnn(inputs, (h, c))
+        return outputs, h, c
+
+
+class Captioner(nn.Module):
+    """CNN encoder + recurrent decoder with teacher-forced ``forward``, ``greedy`` and ``beam_search``.
+
+    Rows of a batch never interact: BatchNorm runs in eval mode at inference, and every decoding
+    state is per row, so a batched caption equals the caption of the image alone.
+    """
+
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.is_lstm = config.cell == "lstm"
+        # Plain int attributes: TorchScript cannot read module-level globals inside methods.
+        self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+        self.encoder = ImageEncoder(config)
+        feature_size = config.channels[-1]
+        flat_size = feature_size * config.grid_size ** 2
+        # The initial state reads the whole flattened map, so it keeps where each feature is.
+        state_count = 2 if self.is_lstm else 1
+        self.init_state = nn.Linear(flat_size, state_count * config.num_layers * config.hidden_size)
+        self.attention = (AdditiveAttention(feature_size, config.hidden_size, config.attention_size)
+                          if config.attention else NoAttention())
+        context_size = feature_size if config.attention else 0
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=PAD_ID)
+        rnn = make_rnn(config.cell, config.embedding_dim + context_size, config.hidden_size,
+                       num_layers=config.num_layers, dropout=config.dropout)
+        self.recurrence = LstmRecurrence(rnn) if self.is_lstm else Recurrence(rnn)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.hidden_size + context_size, config.vocab_size)
+
+    @torch.jit.export
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Spatial memory, attention keys and the initial state.
+
+        Shape:
+            images: (B, 3, S, S).
+            output: memory (B, N, C), keys (B, N, A) (A = 0 without attention), h (L, B, H),
+            c (L, B, H) (zeros unless LSTM).
+        """
+        batch_size = images.size(0)
+        memory = self.encoder(images)  # (B, N, C)
+        state = torch.tanh(self.init_state(memory.flatten(1)))  # (B, S*L*H)
+        state = state.view(batch_size, -1, self.num_layers, self.hidden_size).permute(1, 2, 0, 3)
+        h = state[0].contiguous()  # (L, B, H)
+        c = state[1].contiguous() if self.is_lstm else torch.zeros_like(h)
+        return memory, self.attention.keys(memory), h, c
+
+    @torch.jit.export
+    def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, memory: torch.Tensor,
+             keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding step: log-probabilities of the next token.
+
+        Shape:
+            tokens: (B,) int64, the previous token (``<bos>`` first).
+            h, c: (L, B, H). memory: (B, N, C). keys: (B, N, A).
+            output: log-probabilities (B, V), new h, c.
+        """
+        embedded = self.dropout(self.embedding(tokens))  # (B, E)
+        context, _ = self.attention(h[-1], memory, keys)  # (B, C) or (B, 0)
+        inputs = torch.cat([embedded, context], dim=1).unsqueeze(1)  # (B, 1, E + C)
+        outputs, h, c = self.recurrence(inputs, h, c)  # (B, 1, H)
+        features = torch.cat([outputs.squeeze(1), context], dim=1)  # (B, H + C)
+        return torch.log_softmax(self.output(self.dropout(features)), dim=-1), h, c
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced next-token logits.
+
+        Shape:
+            images: (B, 3, S, S).
+            tokens: (B, T) int64: ``<bos> w1 .. wn`` padded with ``<pad>``.
+            output: logits (B, T, V); position t predicts token t + 1 (``<eos>`` after the last word).
+        """
+        memory, keys, h, c = self.encode(images)
+        embedded = self.dropout(self.embedding(tokens))  # (B, T, E)
+        if self.attention.context_size == 0:
+            # No attention: the whole sequence runs through the RNN in one call.
+            outputs, _, _ = self.recurrence(embedded, h, c)  # (B, T, H)
+            return self.output(self.dropout(outputs))  # (B, T, V)
+        steps: list[torch.Tensor] = []
+        for t in range(tokens.size(1)):
+            context, _ = self.attention(h[-1], memory, keys)  # (B, C)
+            inputs = torch.cat([embedded[:, t], context], dim=1).unsqueeze(1)  # (B, 1, E + C)
+            outputs, h, c = self.recurrence(inputs, h, c)
+            steps.append(torch.cat([outputs.squeeze(1), context], dim=1))  # (B, H + C)
+        return self.output(self.dropout(torch.stack(steps, dim=1)))  # (B, T, V)
+
+    @torch.jit.export
+    def greedy(self, images: torch.Tensor,
+               max_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Most probable token at every step, until ``<eos>`` or the row's own length limit.
+
+        Shape:
+            images: (B, 3, S, S). max_lengths: (B,) int64, tokens allowed per row (``<eos>`` counts).
+            output: tokens (B, T) with T = max(max_lengths), padded with ``<pad>``; their
+            log-probabilities (B, T), 0 at padding; lengths (B,) including ``<eos>`` when emitted.
+        """
+        memory, keys, h, c = self.encode(images)
+        batch_size = images.size(0)
+        limit = int(max_lengths.max())
+        tokens = torch.full((batch_size, limit), self.pad_id, dtype=torch.long, device=images.device)
+        logprobs_out = torch.zeros((batch_size, limit), device=images.device)
+        lengths = torch.zeros(batch_size, dtype=torch.long, device=images.device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=images.device)
+        current = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=images.device)
+        for t in range(limit):
+            active = (~finished) & (max_lengths > t)  # (B,)
+            if not bool(active.any()):
+                break
+            logprobs, h, c = self.step(current, h, c, memory, keys)  # (B, V)
+            best_logprob, best = logprobs.max(dim=1)  # (B,), (B,)
+            best = torch.where(active, best, torch.full_like(best, self.pad_id))
+            tokens[:, t] = best
+            logprobs_out[:, t] = torch.where(active, best_logprob, torch.zeros_like(best_logprob))
+            lengths = lengths + active.long()
+            finished = finished | (best == self.eos_id)
+            current = best
+        return tokens, logprobs_out, lengths
+
+    @torch.jit.export
+    def beam_search(self, images: torch.Tensor, max_lengths: torch.Tensor,
+                    beam_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The highest-scoring caption among ``beam_size`` hypotheses per image.
+
+        The score is the sum of token log-probabilities, with no length penalty. A finished
+        hypothesis (``<eos>`` emitted, or its row's limit reached) stays in the beam at its score and
+        only extends with ``<pad>`` at no cost, so it competes with the longer ones.
+
+        Shape: as ``greedy``. ``beam_size`` 1 gives exactly the greedy caption.
+        """
+        memory, keys, h, c = self.encode(images)
+        batch_size, beam = images.size(0), beam_size
+        rows = batch_size * beam
+        vocab = self.vocab_size
+        device = images.device
+        limit = int(max_lengths.max())
+        # Expand every per-image tensor to one row per hypothesis: row b*K + k is beam k of image b.
+        memory = memory.repeat_interleave(beam, dim=0)  # (B*K, N, C)
+        keys = keys.repeat_interleave(beam, dim=0)  # (B*K, N, A)
+        h = h.repeat_interleave(beam, dim=1)  # (L, B*K, H)
+        c = c.repeat_interleave(beam, dim=1)
+        scores = torch.full((batch_size, beam), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # all beams start identical; keep one so the first step is not K copies
+        tokens = torch.full((batch_size, beam, limit), self.pad_id, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros((batch_size, beam, limit), device=device)
+        lengths = torch.zeros((batch_size, beam), dtype=torch.long, device=device)
+        finished = torch.zeros((batch_size, beam), dtype=torch.bool, device=device)
+        current = torch.full((rows,), self.bos_id, dtype=torch.long, device=device)
+        pad_only = torch.full((vocab,), float("-inf"), device=device)
+        pad_only[self.pad_id] = 0.0
+        row_limit = max_lengths.view(batch_size, 1)
+        for t in range(limit):
+            frozen = finished | (row_limit <= t)  # (B, K)
+            if bool(frozen.all()):
+                break
+            logprobs, h, c = self.step(current, h, c, memory, keys)
+            logprobs = logprobs.view(batch_size, beam, vocab)  # (B, K, V)
+            extended = torch.where(frozen.unsqueeze(2), pad_only.view(1, 1, vocab), logprobs)
+            candidates = (scores.unsqueeze(2) + extended).view(batch_size, beam * vocab)  # (B, K*V)
+            scores, flat_index = candidates.topk(beam, dim=1)  # (B, K)
+            parent = torch.div(flat_index, vocab, rounding_mode="floor")  # (B, K)
+            token = flat_index % vocab  # (B, K)
+            step_logprob = logprobs.view(batch_size, beam * vocab).gather(1, flat_index)  # (B, K)
+            was_frozen = frozen.gather(1, parent)
+            step_logprob = torch.where(was_frozen, torch.zeros_like(step_logprob), step_logprob)
+            history = parent.unsqueeze(2).expand(batch_size, beam, limit)
+            tokens = tokens.gather(1, history)
+            token_logprobs = token_logprobs.gather(1, history)
+            tokens[:, :, t] = token
+            token_logprobs[:, :, t] = step_logprob
+            lengths = lengths.gather(1, parent) + (~was_frozen).long()
+            finished = finished.gather(1, parent) | (token == self.eos_id)
+            state_index = (parent + torch.arange(batch_size, device=device).view(-1, 1) * beam).view(rows)
+            h = h.index_select(1, state_index)
+            c = c.index_select(1, state_index)
+            current = token.view(rows)
+        best = scores.argmax(dim=1)  # (B,)
+        pick = best.view(batch_size, 1, 1).expand(batch_size, 1, limit)
+        return (tokens.gather(1, pick).squeeze(1), token_logprobs.gather(1, pick).squeeze(1),
+                lengths.gather(1, best.view(batch_size, 1)).squeeze(1))
