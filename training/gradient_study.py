@@ -17,6 +17,7 @@ It writes PNG charts, ``results.md`` and ``results.json`` to ``out_dir``.
     python -m training.gradient_study                   # full study, a few minutes on one CPU thread
     python -m training.gradient_study --quick           # the seconds-long version the unit test runs
     python -m training.gradient_study --lengths '[10, 100]' --train-steps 800
+    python -m training.gradient_study --replot training/reports/gradients/results.json  # charts only
 
 The task (the copy task of Hochreiter & Schmidhuber 1997 and Arjovsky et al. 2016, with one symbol to
 copy): step 0 shows one of ``symbols`` symbols, steps 1..T-2 show a blank, step T-1 shows a "recall"
@@ -67,6 +68,8 @@ class GradientStudyConfig:
     # et al. 2000 and Jozefowicz et al. 2015 and the chrono initialisation of Tallec & Ollivier 2018 do;
     # measured here, 1.0 was not enough for either gated cell to learn T = 50 in 400 steps.
     gate_bias: float | None = 3.0
+    # Chrono initialisation instead of ``gate_bias``: per-unit biases log(U(1, T - 1)) for each T.
+    chrono: bool = False
     train_steps: int = 400
     batch_size: int = 64
     lr: float = 3e-3
@@ -86,6 +89,8 @@ class GradientStudyConfig:
     quick: bool = False
     # One optimizer step per run; still measures and writes every output.
     dry_run: bool = False
+    # Redraw the charts and table from an earlier run's results.json instead of training.
+    replot: str = ""
 
     def __post_init__(self) -> None:
         for cell in (*self.cells, self.clip_cell):
@@ -108,19 +113,29 @@ class CopyModel(nn.Module):
     """One recurrent layer from ``make_rnn`` and a linear read-out of the last hidden state."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, symbols: int,
-                 gate_bias: float | None = None) -> None:
+                 gate_bias: float | None = None, chrono_length: int | None = None) -> None:
         super().__init__()
         self.cell = cell
         self.rnn = make_rnn(cell, input_size, hidden_size)
         self.readout = nn.Linear(hidden_size, symbols)
-        if gate_bias is not None and cell != "rnn_tanh":
-            # Bias the "keep the old state" gate open: the LSTM forget gate (Gers et al. 2000;
-            # Jozefowicz et al. 2015) or the GRU update gate z in h = (1 - z) * n + z * h_prev.
-            # PyTorch orders LSTM gates (i, f, g, o) and GRU gates (r, z, n) in blocks of hidden_size.
-            with torch.no_grad():
-                block = slice(hidden_size, 2 * hidden_size)
-                self.rnn.bias_ih_l0[block] = gate_bias
-                self.rnn.bias_hh_l0[block] = 0.0
+        if cell == "rnn_tanh" or (gate_bias is None and chrono_length is None):
+            return
+        # Bias the "keep the old state" gate open: the LSTM forget gate (Gers et al. 2000;
+        # Jozefowicz et al. 2015) or the GRU update gate z in h = (1 - z) * n + z * h_prev.
+        # PyTorch orders LSTM gates (i, f, g, o) and GRU gates (r, z, n) in blocks of hidden_size.
+        with torch.no_grad():
+            keep = slice(hidden_size, 2 * hidden_size)
+            if chrono_length is not None:
+                # Chrono initialisation (Tallec & Ollivier 2018): b = log(U(1, T - 1)) spreads the
+                # units' memory spans up to the task's T; the LSTM input gate gets -b.
+                bias = torch.log(torch.empty(hidden_size).uniform_(1, max(chrono_length - 1, 2)))
+            else:
+                bias = torch.full((hidden_size,), float(gate_bias))
+            self.rnn.bias_ih_l0[keep] = bias
+            self.rnn.bias_hh_l0[keep] = 0.0
+            if chrono_length is not None and cell == "lstm":
+                self.rnn.bias_ih_l0[:hidden_size] = -bias
+                self.rnn.bias_hh_l0[:hidden_size] = 0.0
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Shape:
@@ -252,7 +267,8 @@ def run_length_sweep(config: GradientStudyConfig, steps: int) -> list[dict[str, 
         for cell in config.cells:
             hidden_size = matched_hidden_size(cell, input_size, config.symbols, config.param_budget)
             seed_everything(config.seed)
-            model = CopyModel(cell, input_size, hidden_size, config.symbols, config.gate_bias)
+            model = CopyModel(cell, input_size, hidden_size, config.symbols, config.gate_bias,
+                              length if config.chrono else None)
             params = sum(p.numel() for p in model.parameters())
             assert params == param_count(cell, input_size, hidden_size, config.symbols)
             profile_init = gradient_profile(model, probe_inputs, probe_targets)
@@ -280,7 +296,8 @@ def run_clipping(config: GradientStudyConfig, steps: int) -> dict[str, Any]:
     input_size = config.symbols + 2
     hidden_size = matched_hidden_size(config.clip_cell, input_size, config.symbols, config.param_budget)
     seed_everything(config.seed)
-    initial = CopyModel(config.clip_cell, input_size, hidden_size, config.symbols, config.gate_bias)
+    initial = CopyModel(config.clip_cell, input_size, hidden_size, config.symbols, config.gate_bias,
+                        config.clip_length if config.chrono else None)
     eval_inputs, eval_targets = copy_batch(config.eval_examples, config.clip_length, config.symbols,
                                            torch.Generator().manual_seed(config.seed + 1),
                                            config.distractors)
@@ -335,15 +352,20 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[str]:
         cell_runs = sorted((r for r in runs if r["cell"] == cell), key=lambda r: r["length"])
         xs = [r["length"] for r in cell_runs]
         axes[0].plot(xs, [r["accuracy"] for r in cell_runs], "o-", color=colors[cell], label=cell)
-        axes[1].semilogy(xs, [r["ratio_init"] for r in cell_runs], "o-", color=colors[cell], label=cell)
+        axes[1].semilogy(xs, [r["ratio_init"] for r in cell_runs], "o-", color=colors[cell],
+                         label=f"{cell} (init)")
+        axes[1].semilogy(xs, [r["ratio_trained"] for r in cell_runs], "s--", color=colors[cell],
+                         label=f"{cell} (trained)")
     axes[0].axhline(1 / config["symbols"], color="gray", ls=":", label="chance")
     axes[0].set(xscale="log", xlabel="T (steps between symbol and loss)", ylabel="held-out accuracy",
                 ylim=(0, 1.05), title=f"Accuracy after {config['train_steps']} steps")
     axes[1].set(xscale="log", xlabel="T", ylabel="||dL/dh_first|| / ||dL/dh_last||",
-                title="Gradient ratio, first/last step (init)")
+                title="Gradient ratio, first/last step")
     for ax in axes:
+        ax.set_xticks(lengths, [str(t) for t in lengths])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy_vs_length.png", dpi=110)
     files.append("accuracy_vs_length.png")
@@ -419,12 +441,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         given = {arg[2:].replace("-", "_") for arg in argv or [] if arg.startswith("--")}
         config = replace(config, **{k: v for k, v in QUICK.items() if k not in given})
     torch.set_num_threads(config.threads)
-    started = time.perf_counter()
-    steps = 1 if config.dry_run else config.train_steps
-    results: dict[str, Any] = {"config": to_dict(config), "torch": torch.__version__}
-    results["runs"] = run_length_sweep(config, steps)
-    results["clipping"] = run_clipping(config, 1 if config.dry_run else config.clip_steps)
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    if config.replot:
+        results = json.loads(Path(config.replot).read_text())
+    else:
+        started = time.perf_counter()
+        steps = 1 if config.dry_run else config.train_steps
+        results = {"config": to_dict(config), "torch": torch.__version__}
+        results["runs"] = run_length_sweep(config, steps)
+        results["clipping"] = run_clipping(config, 1 if config.dry_run else config.clip_steps)
+        results["seconds"] = round(time.perf_counter() - started, 1)
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,11 @@ def test_matched_hidden_sizes_give_gated_cells_fewer_units():
 def test_config_rejects_unknown_cell():
     with pytest.raises(ValueError, match="cell must be one of"):
         study.GradientStudyConfig(cells=("rnn_relu",))
+
+
+def test_replot_redraws_from_saved_results(quick_run, tmp_path):
+    out_dir, results = quick_run
+    again = study.main(["--replot", str(out_dir / "results.json"), "--out-dir", str(tmp_path)])
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))
+    assert (tmp_path / "results.md").read_text() == (out_dir / "results.md").read_text()
+    assert (tmp_path / "clipping.png").read_bytes().startswith(b"\x89PNG")
