@@ -136,8 +136,11 @@ def forecast_windows(model: torch.nn.Module, spec: ModelSpec, requests: Sequence
         for row, i in enumerate(batch):
             request = requests[i]
             horizon = request.horizon or spec.horizons
-            results[i] = WindowResult(rows_used=rows_needed, forecasts=to_forecasts(
-                spec, request.rows[-1], quantiles[row, :horizon], request.quantiles))
+            try:
+                results[i] = WindowResult(rows_used=rows_needed, forecasts=to_forecasts(
+                    spec, request.rows[-1], quantiles[row, :horizon], request.quantiles))
+            except ValueError as exc:  # non-finite output: a 400 for this item, not a 500 for all
+                results[i] = WindowResult(error=f"{exc}; check the rows for extreme values")
     return results  # type: ignore[return-value]
 
 
@@ -248,7 +251,13 @@ class SessionStore:
             if len(history) >= 2:
                 x = torch.tensor([row_features(history)], dtype=torch.float32, device=self.device)
                 quantiles, state = self.model.sequence(x, state)  # (1, T, Q), (S*layers, 1, H)
-                next_forecast = self._next(history[-1], quantiles[0, -1].cpu().numpy())
+                if not bool(torch.isfinite(state).all()):
+                    return SessionResult(error="invalid", message="history makes the model's state "
+                                         "non-finite; check it for extreme values")
+                try:
+                    next_forecast = self._next(history[-1], quantiles[0, -1].cpu().numpy())
+                except ValueError as exc:
+                    return SessionResult(error="invalid", message=f"{exc}; check the history")
             return self._add(state, history[-1] if history else None, len(history), next_forecast)
 
     def get(self, session_id: str) -> SessionResult:
@@ -368,6 +377,12 @@ class SessionStore:
         quantiles = quantiles.cpu().numpy()
         for row, (i, session) in enumerate(runnable):
             bar = items[i].bar
+            if not (np.isfinite(quantiles[row]).all() and bool(torch.isfinite(states[:, row]).all())):
+                results[i] = SessionResult(error="invalid", message=(
+                    "this bar makes the model's output non-finite; check it for extreme values. "
+                    "The session was not changed"))
+                FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "invalid").inc()
+                continue
             session.state = states[:, row:row + 1].clone()  # (S*layers, 1, H)
             session.last_bar = bar
             session.bars_seen += 1

@@ -18,6 +18,8 @@ from services.schemas.common import ModelInfo
 from services.settings import SETTINGS
 
 MAX_ROWS = SETTINGS.forecast_max_rows
+# Price bounds keep every log return finite: log(MAX_PRICE / MIN_PRICE) is about 35.
+MIN_PRICE, MAX_PRICE, MAX_VOLUME = 1e-6, 1e9, 1e15
 MAX_HORIZON = 64  # a sanity bound for the schema; the model's own H is checked in check_forecast
 DISCLAIMER = ("Research/demo forecast from a small model on Yahoo Finance data; not trading or "
               "investment advice.")
@@ -36,14 +38,18 @@ class Bar(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": EXAMPLE_BAR})
 
     date: dt.date = Field(description="Trading day, ISO format YYYY-MM-DD.", examples=["2025-07-01"])
-    open: float = Field(gt=0, allow_inf_nan=False, description="Opening price (> 0).")
-    high: float = Field(gt=0, allow_inf_nan=False, description="Highest price (>= low).")
-    low: float = Field(gt=0, allow_inf_nan=False, description="Lowest price (> 0).")
-    close: float = Field(gt=0, allow_inf_nan=False, description="Closing price (> 0).")
-    volume: float = Field(ge=0, allow_inf_nan=False, description="Shares traded (>= 0).")
+    open: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Opening price (> 0).")
+    high: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Highest price (>= low).")
+    low: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Lowest price (> 0).")
+    close: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Closing price (> 0).")
+    volume: float = Field(ge=0, le=MAX_VOLUME, allow_inf_nan=False, description="Shares traded (>= 0).")
 
     @model_validator(mode="after")
     def _high_not_below_low(self) -> Bar:
+        for name in ("open", "high", "low", "close"):
+            if getattr(self, name) < MIN_PRICE:
+                raise ValueError(f"bar {self.date}: {name} {getattr(self, name)} is below the minimum "
+                                 f"price {MIN_PRICE}")
         if self.high < self.low:
             raise ValueError(f"bar {self.date}: high {self.high} is below low {self.low}; "
                              "high must be >= low")

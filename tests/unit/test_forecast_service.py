@@ -158,6 +158,8 @@ def bar(**changes) -> dict:
     ({"volume": -1.0}, "greater than or equal to 0"),
     ({"high": 100.0, "low": 101.0}, "high 100.0 is below low 101.0"),
     ({"date": "2025-13-01"}, "date"),
+    ({"low": 1e-9}, "low 1e-09 is below the minimum price 1e-06"),
+    ({"high": 2e9}, "less than or equal to 1000000000"),
 ])
 def test_bad_bars_are_rejected_with_the_reason(changes, message):
     with pytest.raises(ValidationError, match=message):
