@@ -401,14 +401,14 @@ def table(results: dict[str, Any]) -> str:
         "measured in float64 on held-out sequences.",
         "",
         "| cell | hidden | params | T | ratio first/last (init) | ratio (trained) | accuracy | loss "
-        "| train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max grad norm (pre-clip) | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in results["runs"]:
         lines.append(
             f"| {run['cell']} | {run['hidden_size']} | {run['params']} | {run['length']} "
             f"| {run['ratio_init']:.2e} | {run['ratio_trained']:.2e} | {run['accuracy']:.3f} "
-            f"| {run['loss']:.3f} | {run['train_seconds']:.1f} |")
+            f"| {run['loss']:.3f} | {max(run['grad_norm']):.3g} | {run['train_seconds']:.1f} |")
     lines += [
         "",
         f"Clipping ({clip['cell']}, T = {clip['length']}, {clip['optimizer']} lr {clip['lr']}, "
