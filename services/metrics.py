@@ -31,6 +31,14 @@ INFERENCE_SECONDS = Histogram(
     ["model"],
     buckets=SECONDS_BUCKETS,
 )
+# Padding waste: padded positions the model computed. With the real tokens
+# (rnnserve_model_input_length_tokens_sum), waste = padding / (padding + tokens); length grouping
+# (services/batching.py plan_groups) exists to lower it.
+PADDING_TOKENS_TOTAL = Counter(
+    "rnnserve_model_padding_tokens_total",
+    "Padded positions in model batches (batch * max_length - sum(lengths)), summed over calls.",
+    ["model"],
+)
 
 # Forecast sessions. The gauge is summed over live processes; sessions live in the forecast worker.
 FORECAST_SESSIONS_ACTIVE = Gauge(

@@ -15,7 +15,7 @@ import torch
 
 from models.text import Vocab
 from services.artifacts import load_artifact
-from services.batching import collate, split
+from services.batching import LengthGrouping, collate, run_in_groups, split
 from services.metrics import INFERENCE_SECONDS
 from services.schemas.common import ModelInfo
 from services.schemas.sentiment import MAX_TOKENS, SentimentResult
@@ -56,13 +56,26 @@ def to_results(probabilities: torch.Tensor, lengths: list[int], labels: list[str
 
 
 def classify(model: torch.nn.Module, vocab: Vocab, labels: list[str], texts: list[str],
-             device: str = "cpu") -> list[SentimentResult]:
-    """The whole batched path: texts in, one result per text out, in order."""
+             device: str = "cpu", grouping: LengthGrouping | None = None) -> list[SentimentResult]:
+    """The whole batched path: texts in, one result per text out, in order.
+
+    With ``grouping``, the batch is split into length groups when that lowers padding cost
+    (``services.batching.plan_groups``); results are the same either way.
+    """
     if not texts:
         return []
-    tokens, lengths, order = collate(encode(vocab, texts), NAME, device)
-    results = to_results(predict(model, tokens, lengths), lengths.tolist(), labels)
-    return split(results, order)
+
+    def run(sequences: list[list[int]]) -> list[SentimentResult]:
+        tokens, lengths, order = collate(sequences, NAME, device)
+        return split(to_results(predict(model, tokens, lengths), lengths.tolist(), labels), order)
+
+    encoded = encode(vocab, texts)
+    return run_in_groups(encoded, [len(ids) for ids in encoded], run, grouping)
+
+
+def grouping_from_settings() -> LengthGrouping:
+    return LengthGrouping(SETTINGS.sentiment_length_groups, SETTINGS.sentiment_group_step_tokens,
+                          SETTINGS.sentiment_group_call_tokens)
 
 
 @bentoml.service(
@@ -82,6 +95,7 @@ class Sentiment:
         )
         self.vocab = Vocab(self.metadata["vocab"])
         self.labels = list(self.metadata["labels"])
+        self.grouping = grouping_from_settings()
         self.model_info = ModelInfo(
             name=stored.tag.name, version=str(stored.tag.version), task=self.metadata["task"],
             cell=self.metadata["cell"], metrics=self.metadata.get("metrics", {}),
@@ -105,12 +119,12 @@ class Sentiment:
         return self._ready
 
     @bentoml.api(
-        batchable=True,
+        batchable=SETTINGS.batching == "on",  # "off" only to measure what batching buys (load/bench.py)
         max_batch_size=SETTINGS.sentiment_max_batch_size,
         max_latency_ms=SETTINGS.sentiment_max_latency_ms,
     )
     def classify(self, texts: list[str]) -> list[SentimentResult]:
-        return classify(self.model, self.vocab, self.labels, texts, self.device)
+        return classify(self.model, self.vocab, self.labels, texts, self.device, self.grouping)
 
     @bentoml.api
     def info(self) -> ModelInfo:

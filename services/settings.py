@@ -24,6 +24,12 @@ class Settings:
     sentiment_max_latency_ms: int = 1000
     sentiment_workers: int = 1
     sentiment_threads: int = 1
+    # Length groups (services/batching.py plan_groups): a merged batch is split into at most
+    # sentiment_length_groups model calls when that lowers the modelled cost; the cost of a time step
+    # and of a call are in padded positions, fitted by load/bench.py (load/RESULTS.md). 1 = off.
+    sentiment_length_groups: int = 4
+    sentiment_group_step_tokens: int = 8
+    sentiment_group_call_tokens: int = 256
     # Forecast model service. It always runs ONE worker: sessions (hidden states) live in that
     # worker's memory. Idle sessions expire after forecast_session_ttl_s; creating one more than
     # forecast_max_sessions answers 429.
@@ -45,6 +51,10 @@ class Settings:
     caption_max_image_pixels: int = 4096 * 4096
     caption_max_beam_size: int = 8
     caption_max_length: int = 64
+    # "off" declares the batchable model APIs (sentiment, forecast) non-batchable: each request
+    # calls the model with its own items. Only for measuring what batching buys (load/bench.py):
+    # BentoML needs max_batch_size >= 2, so a batch size of 1 cannot express "off".
+    batching: str = "on"
     # Request limits, enforced before any work is queued.
     max_items: int = 64
     max_text_chars: int = 2000
@@ -65,6 +75,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"{PREFIX}DEVICE must be cpu, cuda or auto, got {self.device!r}")
+        if self.batching not in ("on", "off"):
+            raise ValueError(f"{PREFIX}BATCHING must be on or off, got {self.batching!r}")
         for field in fields(self):
             value = getattr(self, field.name)
             if isinstance(value, int) and value < 1:
