@@ -456,7 +456,7 @@ class Forecast:
         return self._ready
 
     @bentoml.api(
-        batchable=True,
+        batchable=SETTINGS.batching == "on",  # "off" only for load/bench.py
         max_batch_size=SETTINGS.forecast_max_batch_size,
         max_latency_ms=SETTINGS.forecast_max_latency_ms,
     )
@@ -464,7 +464,7 @@ class Forecast:
         return forecast_windows(self.model, self.model_spec, requests, self.device)
 
     @bentoml.api(
-        batchable=True,
+        batchable=SETTINGS.batching == "on",  # "off" only for load/bench.py
         max_batch_size=SETTINGS.forecast_max_batch_size,
         max_latency_ms=SETTINGS.forecast_max_latency_ms,
     )

@@ -82,6 +82,8 @@ def grouping_from_settings() -> LengthGrouping:
     name="sentiment",
     workers=SETTINGS.sentiment_workers,
     traffic={"timeout": SETTINGS.timeout_s},
+    # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Sentiment:
     bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
