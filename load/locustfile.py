@@ -1,5 +1,46 @@
-"""Every Locust user class of the project, one per service. Settings: ``load/locust.conf``."""
+"""Every Locust user class of the project, one file per service: ``load/<model>_locust.py``.
 
-from load.sentiment_locust import SentimentUser
+The user classes of every such file that exists are imported here, so a new model's users are picked
+up without editing this file. Settings: ``load/locust.conf``. The step-load shape lives in
+``load/shape.py`` and is used only when passed too (``-f load/locustfile.py,load/shape.py``, or
+``python -m load.run --shape step``).
 
-__all__ = ["SentimentUser"]
+    locust --config load/locust.conf --host http://127.0.0.1:3000 [UserClass ...]
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+from locust import User, events
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `locust -f load/locustfile.py` from anywhere imports load.*
+    sys.path.insert(0, str(HERE.parent))
+
+
+def discover() -> dict[str, list[type[User]]]:
+    """User classes by model name (the ``<model>`` of ``load/<model>_locust.py``), in file order."""
+    users: dict[str, list[type[User]]] = {}
+    for path in sorted(HERE.glob("*_locust.py")):
+        module = importlib.import_module(f"load.{path.stem}")
+        classes = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                   if issubclass(cls, User) and cls.__module__ == module.__name__ and not cls.abstract]
+        users[path.stem.removesuffix("_locust")] = classes
+    return users
+
+
+USERS_BY_MODEL = discover()
+# Locust runs the User classes found among this module's globals (so no loop variable may hold one).
+globals().update({cls.__name__: cls for classes in USERS_BY_MODEL.values() for cls in classes})
+__all__ = ["USERS_BY_MODEL", *(cls.__name__ for classes in USERS_BY_MODEL.values() for cls in classes)]
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    # Read by load/shape.py (settable in load/locust.conf like any other option).
+    parser.add_argument("--steps", type=int, default=4, env_var="LOCUST_STEPS",
+                        help="step-load shape: number of equal steps up to --users over --run-time")
