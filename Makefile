@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load train-sentiment clean validate-manifests smoke image-context gpu-check thread-bench
+.PHONY: setup register serve test lint unit integration e2e load train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ load: register
 
 train-sentiment: setup
 	$(BIN)/python -m training.train_sentiment
+
+## English->Spanish translator: bounded by its config's max_minutes (58) plus test-set scoring.
+train-translate: setup
+	$(BIN)/python -m training.train_translate
 
 ## Vanishing/exploding gradients measured (tanh RNN, GRU, LSTM): charts and table in
 ## training/reports/gradients/.

@@ -89,6 +89,38 @@ CAPTION_REJECTED_IMAGES_TOTAL = Counter(
     ["model", "status"],
 )
 
+# Translation. Input tokens per text are INPUT_LENGTH_TOKENS{model="translate"} (recorded by collate
+# and by the stream); these add the decoder side. ``decoder`` is greedy, beam or stream.
+TRANSLATE_OUTPUT_TOKENS = Histogram(
+    "rnnserve_translate_output_length_tokens",
+    "Subword tokens in each translation (EOS excluded).",
+    ["model", "decoder"],
+    buckets=TOKEN_BUCKETS,
+)
+TRANSLATE_DECODE_STEPS = Histogram(
+    "rnnserve_translate_decode_steps",
+    "Decoder steps run per request item (a batch's steps count for each of its items).",
+    ["model", "decoder"],
+    buckets=TOKEN_BUCKETS,
+)
+TRANSLATE_BEAM_SIZE = Histogram(
+    "rnnserve_translate_beam_size",
+    "Beam size used for each translated item (1 = greedy).",
+    ["model"],
+    buckets=(1, 2, 3, 4, 5, 6, 7, 8),
+)
+TRANSLATE_GENERATED_TOKENS_TOTAL = Counter(
+    "rnnserve_translate_generated_tokens_total",
+    "Subword tokens generated (returned to callers); rate() of it is tokens per second.",
+    ["model", "decoder"],
+)
+TRANSLATE_TOKENS_PER_SECOND = Histogram(
+    "rnnserve_translate_generated_tokens_per_second",
+    "Tokens generated per second of decoding, measured per decode call (one batch group or one stream).",
+    ["model", "decoder"],
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+
 # Reliability (services/errors.py). ``reason`` is the error code of the refusal (body_too_large,
 # overloaded, timeout, invalid_json, unauthorized, model_unavailable, ...): a small fixed set.
 REJECTED_REQUESTS_TOTAL = Counter(

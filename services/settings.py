@@ -51,6 +51,16 @@ class Settings:
     caption_max_image_pixels: int = 4096 * 4096
     caption_max_beam_size: int = 8
     caption_max_length: int = 64
+    # Translation model service. Items of concurrent requests are batched and grouped by their
+    # decoding options; streams (greedy) run one decode loop each, outside the batcher.
+    translate_model: str = "translate:latest"
+    translate_max_batch_size: int = 32
+    translate_max_latency_ms: int = 5000
+    translate_workers: int = 1
+    translate_threads: int = 1
+    translate_max_text_chars: int = 500
+    translate_max_length: int = 80
+    translate_max_beam_size: int = 8
     # "off" declares the batchable model APIs (sentiment, forecast) non-batchable: each request
     # calls the model with its own items. Only for measuring what batching buys (load/bench.py):
     # BentoML needs max_batch_size >= 2, so a batch size of 1 cannot express "off".
@@ -85,6 +95,8 @@ class Settings:
             raise ValueError(f"{PREFIX}SENTIMENT_MAX_BATCH_SIZE must be >= 2 (BentoML's minimum)")
         if self.forecast_max_batch_size < 2:
             raise ValueError(f"{PREFIX}FORECAST_MAX_BATCH_SIZE must be >= 2 (BentoML's minimum)")
+        if self.translate_max_batch_size < 2:
+            raise ValueError(f"{PREFIX}TRANSLATE_MAX_BATCH_SIZE must be >= 2 (BentoML's minimum)")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

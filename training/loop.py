@@ -44,6 +44,7 @@ def fit(
     clip_grad_norm: float | None = 1.0,
     patience: int = 3,
     max_steps: int | None = None,
+    max_seconds: float | None = None,
     desc: str = "train",
 ) -> FitResult:
     """Trains ``model`` in place and leaves it holding the weights of the best epoch.
@@ -58,6 +59,8 @@ def fit(
             (Pascanu et al. 2013).
         patience: epochs without improvement before stopping.
         max_steps: stop after this many optimizer steps in total (``--dry-run`` uses 1).
+        max_seconds: wall-clock budget; no new epoch starts once it is spent (the caller's batch
+            iterable may also stop mid-epoch at the same deadline).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     best_score, best_state, best_metrics, best_epoch = -math.inf, None, {}, -1
@@ -104,6 +107,8 @@ def fit(
         else:
             stale += 1
         if stale >= patience or (max_steps is not None and steps >= max_steps):
+            break
+        if max_seconds is not None and time.perf_counter() - started >= max_seconds:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
