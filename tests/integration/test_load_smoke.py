@@ -1,0 +1,39 @@
+"""A short, bounded, headless Locust run against the real server: every endpoint answers, zero failures.
+
+Speed is not asserted (that is ``make bench``); this proves the Locust users, their payloads and
+response checks, and the server agree, in about 20 seconds.
+"""
+
+import csv
+import subprocess
+
+from load.locustfile import USERS_BY_MODEL
+from load.report import parse_metrics, server_view
+from load.run import locust_command, read_metrics
+from tests.conftest import ARTIFACTS, ROOT
+
+RUN_TIME_S = 20
+
+
+def test_locust_smoke_run_has_no_failures(server, tmp_path):
+    served = [name for name in USERS_BY_MODEL if (ARTIFACTS / name / "model.pt").is_file()]
+    classes = [cls.__name__ for name in served for cls in USERS_BY_MODEL[name]]
+    assert "SentimentUser" in classes
+    before = parse_metrics(read_metrics(server.url))
+    command = locust_command(server.url, tmp_path, users=2 * len(classes), spawn_rate=2 * len(classes),
+                             run_time=f"{RUN_TIME_S}s", user_classes=classes)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIME_S + 120)
+    after = parse_metrics(read_metrics(server.url))
+    with open(tmp_path / "locust_stats.csv", newline="") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    failures = (tmp_path / "locust_failures.csv").read_text()
+    assert done.returncode == 0, f"{done.stderr[-3000:]}\n{failures}"
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, failures
+    assert int(rows["Aggregated"]["Request Count"]) > 0
+    # Every served model's users reached their endpoints, and the server saw the traffic.
+    routes = {name.split(" ", 1)[0] for name in rows if name != "Aggregated"}
+    for model in served:
+        assert any(route.startswith(f"/v1/{model}") for route in routes), (model, sorted(routes))
+    view = server_view(before, after)
+    assert view.requests["/v1/sentiment"].get("200", 0) > 0
+    assert not any(code.startswith("5") for codes in view.requests.values() for code in codes)
