@@ -161,7 +161,7 @@ def test_max_length_is_enforced_and_capped_by_the_model():
 
 def test_attention_rows_are_distributions_and_absent_unless_requested():
     model = tiny_model("gru", "additive")
-    tokens, lengths, _, _, attention = run_beam(model, SOURCES, 3)
+    _, lengths, _, _, attention = run_beam(model, SOURCES, 3)
     for index, length in enumerate(lengths.tolist()):
         sums = attention[index, :length].sum(dim=1)
         torch.testing.assert_close(sums, torch.ones(length))
