@@ -2,7 +2,7 @@
 
 The encoder's flattened feature map sets the decoder's initial hidden state (Vinyals et al. 2015,
 "Show and Tell"); optionally the decoder also attends over the spatial features at every step
-(Xu et al. 2015, "Show, Attend and Tell", with the additive score of Bahdanau et al. 2015). Greedy
+(Xu et al. 2015, "Show, Attend and Tell"; here the post-RNN "general" score of Luong et al. 2015). Greedy
 and beam decoding are methods of the model, exported with TorchScript, so serving needs no Python
 model code. Inputs are normalised float images; the normalisation lives in the artifact metadata.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.rnn import CELLS, make_rnn
-from models.text import PAD, PAD_ID, UNK
+from models.text import PAD, PAD_ID, UNK, UNK_ID
 
 BOS, EOS = "<bos>", "<eos>"
 BOS_ID, EOS_ID = 2, 3
@@ -95,34 +95,37 @@ class ImageEncoder(nn.Module):
         return features.flatten(2).transpose(1, 2)  # (B, G*G, C)
 
 
-class AdditiveAttention(nn.Module):
-    """Bahdanau attention: score_n = v . tanh(W_k m_n + W_q h). Keys are computed once per image.
+class DotAttention(nn.Module):
+    """Luong "general" attention after the RNN: score_tn = (W_q h_t) . (W_k m_n) / sqrt(A).
+
+    The query is the decoder output itself (no input feeding; Luong et al. 2015), so the whole
+    teacher-forced sequence attends in one batched product instead of a Python loop over steps.
 
     Shape:
         keys(memory): (B, N, C) -> (B, N, A).
-        forward: query (B, H), memory (B, N, C), keys (B, N, A) -> context (B, C), weights (B, N).
+        forward: queries (B, T, H), memory (B, N, C), keys (B, N, A) -> context (B, T, C),
+        weights (B, T, N).
     """
 
     def __init__(self, memory_size: int, query_size: int, attention_size: int):
         super().__init__()
-        self.key = nn.Linear(memory_size, attention_size)
+        self.key = nn.Linear(memory_size, attention_size, bias=False)
         self.query = nn.Linear(query_size, attention_size, bias=False)
-        self.score = nn.Linear(attention_size, 1, bias=False)
+        self.scale = attention_size ** -0.5
         self.context_size = memory_size
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.key(memory)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor,
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor,
                 keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        energy = torch.tanh(keys + self.query(query).unsqueeze(1))  # (B, N, A)
-        weights = torch.softmax(self.score(energy).squeeze(2), dim=1)  # (B, N)
-        context = torch.bmm(weights.unsqueeze(1), memory).squeeze(1)  # (B, C)
-        return context, weights
+        scores = torch.bmm(self.query(queries), keys.transpose(1, 2)) * self.scale  # (B, T, N)
+        weights = torch.softmax(scores, dim=2)
+        return torch.bmm(weights, memory), weights  # (B, T, C), (B, T, N)
 
 
 class NoAttention(nn.Module):
-    """Stands in for ``AdditiveAttention`` when attention is off: an empty context, (B, 0)."""
+    """Stands in for ``DotAttention`` when attention is off: an empty context, (B, T, 0)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,9 +134,9 @@ class NoAttention(nn.Module):
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return memory[:, :, :0]  # (B, N, 0)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor,
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor,
                 keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return query[:, :0], memory[:, :, 0] * 0.0  # (B, 0), (B, N)
+        return queries[:, :, :0], queries[:, :, :1] * 0.0  # (B, T, 0), (B, T, 1)
 
 
 class Recurrence(nn.Module):
@@ -181,15 +184,20 @@ class Captioner(nn.Module):
         # The initial state reads the whole flattened map, so it keeps where each feature is.
         state_count = 2 if self.is_lstm else 1
         self.init_state = nn.Linear(flat_size, state_count * config.num_layers * config.hidden_size)
-        self.attention = (AdditiveAttention(feature_size, config.hidden_size, config.attention_size)
+        self.attention = (DotAttention(feature_size, config.hidden_size, config.attention_size)
                           if config.attention else NoAttention())
         context_size = feature_size if config.attention else 0
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=PAD_ID)
-        rnn = make_rnn(config.cell, config.embedding_dim + context_size, config.hidden_size,
+        rnn = make_rnn(config.cell, config.embedding_dim, config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout)
         self.recurrence = LstmRecurrence(rnn) if self.is_lstm else Recurrence(rnn)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.hidden_size + context_size, config.vocab_size)
+        # Decoding never emits <pad>, <unk> or <bos>: they are never targets, and a caption made of
+        # them means nothing. -inf before the softmax keeps the other probabilities normalised.
+        never = torch.zeros(config.vocab_size)
+        never[torch.tensor([PAD_ID, UNK_ID, BOS_ID])] = float("-inf")
+        self.register_buffer("never_emitted", never, persistent=False)
 
     @torch.jit.export
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,12 +226,15 @@ class Captioner(nn.Module):
             h, c: (L, B, H). memory: (B, N, C). keys: (B, N, A).
             output: log-probabilities (B, V), new h, c.
         """
-        embedded = self.dropout(self.embedding(tokens))  # (B, E)
-        context, _ = self.attention(h[-1], memory, keys)  # (B, C) or (B, 0)
-        inputs = torch.cat([embedded, context], dim=1).unsqueeze(1)  # (B, 1, E + C)
-        outputs, h, c = self.recurrence(inputs, h, c)  # (B, 1, H)
-        features = torch.cat([outputs.squeeze(1), context], dim=1)  # (B, H + C)
-        return torch.log_softmax(self.output(self.dropout(features)), dim=-1), h, c
+        embedded = self.dropout(self.embedding(tokens)).unsqueeze(1)  # (B, 1, E)
+        outputs, h, c = self.recurrence(embedded, h, c)  # (B, 1, H)
+        logits = self._logits(outputs, memory, keys).squeeze(1) + self.never_emitted  # (B, V)
+        return torch.log_softmax(logits, dim=-1), h, c
+
+    def _logits(self, outputs: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) decoder outputs -> (B, T, V) logits, reading the attended context when on."""
+        context, _ = self.attention(outputs, memory, keys)  # (B, T, C) or (B, T, 0)
+        return self.output(self.dropout(torch.cat([outputs, context], dim=2)))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced next-token logits.
@@ -235,17 +246,8 @@ class Captioner(nn.Module):
         """
         memory, keys, h, c = self.encode(images)
         embedded = self.dropout(self.embedding(tokens))  # (B, T, E)
-        if self.attention.context_size == 0:
-            # No attention: the whole sequence runs through the RNN in one call.
-            outputs, _, _ = self.recurrence(embedded, h, c)  # (B, T, H)
-            return self.output(self.dropout(outputs))  # (B, T, V)
-        steps: list[torch.Tensor] = []
-        for t in range(tokens.size(1)):
-            context, _ = self.attention(h[-1], memory, keys)  # (B, C)
-            inputs = torch.cat([embedded[:, t], context], dim=1).unsqueeze(1)  # (B, 1, E + C)
-            outputs, h, c = self.recurrence(inputs, h, c)
-            steps.append(torch.cat([outputs.squeeze(1), context], dim=1))  # (B, H + C)
-        return self.output(self.dropout(torch.stack(steps, dim=1)))  # (B, T, V)
+        outputs, _, _ = self.recurrence(embedded, h, c)  # (B, T, H): the whole sequence in one call
+        return self._logits(outputs, memory, keys)  # (B, T, V)
 
     @torch.jit.export
     def greedy(self, images: torch.Tensor,

@@ -8,13 +8,25 @@ validates requests, forwards them with ``bentoml.depends``, and shapes the respo
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
 import bentoml
 from bentoml.exceptions import InvalidArgument
 
+from services.caption import Caption, caption_response, prepare_item, read_upload
 from services.errors import GuardMiddleware, guard_dependencies, tolerate_load_failures
 from services.forecast import Forecast, session_or_raise, window_response
 from services.http import JsonOnlyMiddleware
 from services.metrics import FORECAST_REQUESTS_TOTAL
+from services.schemas.caption import (
+    BeamSize,
+    CaptionRequest,
+    CaptionResponse,
+    CaptionSpec,
+    MaxLength,
+    StreamRequest,
+)
 from services.schemas.common import ModelInfo
 from services.schemas.forecast import (
     Deleted,
@@ -38,10 +50,12 @@ from services.settings import SETTINGS
 class Api:
     sentiment = bentoml.depends(Sentiment)
     forecast = bentoml.depends(Forecast)
+    caption = bentoml.depends(Caption)
 
     def __init__(self) -> None:
         self._model_info: dict[str, ModelInfo] = {}
         self._forecast_spec: ForecastSpec | None = None
+        self._caption_spec: CaptionSpec | None = None
 
     async def _info(self, name: str, service) -> ModelInfo:
         if name not in self._model_info:
@@ -119,11 +133,47 @@ class Api:
         result = await self.forecast.to_async.import_session(state=request)
         return session_or_raise(result).session
 
+    async def _caption_input_spec(self) -> CaptionSpec:
+        if self._caption_spec is None:
+            spec = await self.caption.to_async.spec()
+            self._caption_spec = CaptionSpec.model_validate(spec, from_attributes=True)
+        return self._caption_spec
+
+    async def _caption(self, data: bytes, beam_size: int, max_length: int | None) -> CaptionResponse:
+        decoded, item = await prepare_item(data, await self._caption_input_spec(), beam_size, max_length)
+        [result] = await self.caption.to_async.caption([item])
+        return caption_response(result, decoded, item, await self._info("caption", self.caption))
+
+    @bentoml.api(route="/v1/caption")
+    async def caption_image(self, request: CaptionRequest, /) -> CaptionResponse:
+        """Captions one image sent as base64 (PNG, JPEG or WebP; any size and mode)."""
+        return await self._caption(request.image_bytes(), request.beam_size, request.max_length)
+
+    @bentoml.api(route="/v1/caption/upload")
+    async def caption_upload(self, image: Path, beam_size: BeamSize = 1,
+                             max_length: MaxLength = None) -> CaptionResponse:
+        """Captions one image uploaded as multipart/form-data (field ``image``)."""
+        return await self._caption(read_upload(image), beam_size, max_length)
+
+    @bentoml.api(route="/v1/caption/stream")
+    async def caption_stream(self, request: StreamRequest, /) -> AsyncGenerator[str, None]:
+        """Greedy captioning as server-sent events: one per word as it is decoded, then a summary."""
+        _, item = await prepare_item(request.image_bytes(), await self._caption_input_spec(), 1,
+                                     request.max_length)
+        async for line in self.caption.to_async.stream(item=item):
+            yield line
+
+    @bentoml.api(route="/v1/caption/spec")
+    async def caption_spec(self) -> CaptionSpec:
+        """The caption model's input size, normalisation, formats and limits."""
+        return await self._caption_input_spec()
+
     @bentoml.api(route="/v1/models")
     async def models(self) -> list[ModelInfo]:
         """Every model this server answers with: name, version, cell and held-out metrics."""
         return [await self._info("sentiment", self.sentiment),
-                await self._info("forecast", self.forecast)]
+                await self._info("forecast", self.forecast),
+                await self._info("caption", self.caption)]
 
 
 # Outermost first: limits, token, overload, timeout and the one error shape (services/errors.py).
@@ -132,4 +182,4 @@ Api.add_asgi_middleware(GuardMiddleware, service=Api, body_limits={
     "/v1/caption": (SETTINGS.caption_max_image_bytes + 2) // 3 * 4 + (1 << 16)})
 guard_dependencies(Api)
 tolerate_load_failures(Api)
-Api.add_asgi_middleware(JsonOnlyMiddleware)
+Api.add_asgi_middleware(JsonOnlyMiddleware, media_types={"/v1/caption/upload": "multipart/form-data"})

@@ -17,11 +17,15 @@ class JsonOnlyMiddleware:
 
     BentoML falls back to its JSON parser for an unknown content type, which would accept
     ``text/plain`` bodies silently; a client that sends the wrong type should be told.
+    ``media_types`` maps a path to the one type it takes instead of JSON (a file upload route takes
+    ``multipart/form-data`` and nothing else).
     """
 
-    def __init__(self, app: ASGIApp, prefix: str = "/v1/") -> None:
+    def __init__(self, app: ASGIApp, prefix: str = "/v1/",
+                 media_types: dict[str, str] | None = None) -> None:
         self.app = app
         self.prefix = prefix
+        self.media_types = {path: kind.encode() for path, kind in (media_types or {}).items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(
@@ -29,11 +33,12 @@ class JsonOnlyMiddleware:
         ):
             headers = dict(scope["headers"])
             content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if content_type != b"application/json":
+            expected = self.media_types.get(scope["path"], b"application/json")
+            if content_type != expected:
                 shown = content_type.decode("latin-1") or "none"
                 body = error_body(
                     "unsupported_media_type",
-                    f"Content-Type is {shown}; send the body as application/json",
+                    f"Content-Type is {shown}; send the body as {expected.decode()}",
                     "Content-Type",
                 )
                 await send({"type": "http.response.start", "status": 415,

@@ -1,0 +1,241 @@
+"""Captioning through real HTTP on a real ``bentoml serve`` with the committed caption artifact."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.schemas.caption import CAPTION_EXAMPLE, MAX_BEAM_SIZE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from training.scenes import make_scene, parse_caption
+
+
+def scene_file(seed: int, fmt: str = "PNG", mode: str = "RGB", side: int = 64, **options) -> bytes:
+    image = Image.fromarray(make_scene(seed, "test_fresh").image)
+    image = image.resize((side, side), Image.Resampling.NEAREST).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def post_retrying_503(http: httpx.Client, route: str, **kwargs) -> httpx.Response:
+    """A 503 is the batcher shedding load on a busy machine; nothing ran, so retry like a client."""
+    for _ in range(50):
+        response = http.post(route, **kwargs)
+        if response.status_code != 503:
+            return response
+        time.sleep(0.1)
+    return response
+
+
+def upload(client, data: bytes, mime: str = "image/png", **fields) -> httpx.Response:
+    return post_retrying_503(client, "/v1/caption/upload", files={"image": ("image", data, mime)},
+                             data={k: str(v) for k, v in fields.items()})
+
+
+def test_base64_caption_has_words_probabilities_and_model_version(client):
+    response = post_retrying_503(client, "/v1/caption", json=CAPTION_EXAMPLE)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["caption"] == " ".join(t["token"] for t in body["tokens"])
+    assert all(0 < t["probability"] <= 1 for t in body["tokens"])
+    assert body["model"]["name"] == "caption" and body["model"]["version"]
+    assert body["beam_size"] == CAPTION_EXAMPLE["beam_size"]
+    assert body["image"] == {"format": "PNG", "mode": "RGB", "width": 64, "height": 64,
+                             "bytes": len(base64.b64decode(CAPTION_EXAMPLE["image"]))}
+
+
+def test_trained_model_describes_fresh_scenes(client):
+    """The committed model, not a stub: on scenes it never saw, most captions are exactly right."""
+    exact = 0
+    for seed in range(8):
+        response = post_retrying_503(client, "/v1/caption", json={"image": b64(scene_file(seed))})
+        assert response.status_code == 200, response.text
+        caption = response.json()["caption"]
+        assert parse_caption(caption) is not None, caption
+        exact += caption == make_scene(seed, "test_fresh").caption
+    assert exact >= 5, f"only {exact}/8 exact captions"
+
+
+FORMATS = [
+    ("png-rgb", "image/png", lambda: scene_file(1)),
+    ("png-rgba", "image/png", lambda: scene_file(1, mode="RGBA", side=128)),
+    ("png-grey", "image/png", lambda: scene_file(1, mode="L")),
+    ("png-palette", "image/png", lambda: scene_file(1, mode="P", side=96)),
+    ("jpeg", "image/jpeg", lambda: scene_file(1, "JPEG", side=256, quality=95)),
+    ("jpeg-grey", "image/jpeg", lambda: scene_file(1, "JPEG", mode="L")),
+    ("webp-lossless", "image/webp", lambda: scene_file(1, "WEBP", lossless=True)),
+    ("webp-lossy", "image/webp", lambda: scene_file(1, "WEBP", side=200, quality=90)),
+]
+
+
+@pytest.mark.parametrize(("name", "mime", "make"), FORMATS, ids=[f[0] for f in FORMATS])
+def test_every_format_and_mode_is_accepted_by_upload_and_base64(client, name, mime, make):
+    data = make()
+    by_upload = upload(client, data, mime)
+    by_json = post_retrying_503(client, "/v1/caption", json={"image": b64(data)})
+    assert by_upload.status_code == by_json.status_code == 200, (by_upload.text, by_json.text)
+    assert by_upload.json()["caption"] == by_json.json()["caption"]
+    assert by_upload.json()["image"]["bytes"] == len(data)
+
+
+def test_lossless_formats_give_the_same_caption(client):
+    png = upload(client, scene_file(2)).json()
+    webp = upload(client, scene_file(2, "WEBP", lossless=True), "image/webp").json()
+    assert png["caption"] == webp["caption"]
+    assert [t["probability"] for t in png["tokens"]] == pytest.approx(
+        [t["probability"] for t in webp["tokens"]], abs=1e-6)
+
+
+def test_beam_size_and_max_length_options(client):
+    data = b64(scene_file(3))
+    beam = post_retrying_503(client, "/v1/caption", json={"image": data, "beam_size": 4}).json()
+    assert beam["beam_size"] == 4 and beam["complete"]
+    short = post_retrying_503(client, "/v1/caption", json={"image": data, "max_length": 3}).json()
+    assert short["steps"] <= 3 and len(short["tokens"]) <= 3 and not short["complete"]
+    form = upload(client, scene_file(3), beam_size=2, max_length=5).json()
+    assert form["beam_size"] == 2 and form["max_length"] == 5 and form["steps"] <= 5
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+SIDE = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+BAD = [
+    ("not-an-image", b"just some text, no pixels", 415, "not a PNG, JPEG or WebP"),
+    ("truncated", scene_file(4)[:200], 400, "truncated"),
+    ("zero-size", png_header_only(0, 12), 400, "needs at least 1x1"),
+    ("over-pixel-limit", png_header_only(SIDE, SIDE), 413, f"the limit is {MAX_IMAGE_PIXELS:,} pixels"),
+    ("decompression-bomb", png_header_only(60_000, 60_000), 413, f"the limit is {MAX_IMAGE_PIXELS:,} pixels"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "status", "message"), BAD, ids=[b[0] for b in BAD])
+def test_every_bad_image_is_a_4xx_with_its_reason(client, name, data, status, message):
+    as_json = post_retrying_503(client, "/v1/caption", json={"image": b64(data)})
+    for response in (upload(client, data), as_json):
+        assert response.status_code == status, response.text
+        assert message in response.text
+
+
+def test_an_image_over_the_byte_limit_is_a_413(client):
+    data = scene_file(5) + b"\0" * MAX_IMAGE_BYTES  # a valid PNG followed by padding
+    response = upload(client, data)
+    assert response.status_code == 413, response.text[:300]
+    assert f"{MAX_IMAGE_BYTES:,}" in response.text
+
+
+@pytest.mark.parametrize("beam_size", [0, MAX_BEAM_SIZE + 1])
+def test_beam_size_out_of_range_is_a_400_on_both_routes(client, beam_size):
+    data = scene_file(6)
+    as_json = post_retrying_503(client, "/v1/caption", json={"image": b64(data), "beam_size": beam_size})
+    limit = "greater than or equal to 1" if beam_size < 1 else f"less than or equal to {MAX_BEAM_SIZE}"
+    for response in (upload(client, data, beam_size=beam_size), as_json):
+        assert response.status_code == 400, response.text
+        assert "beam_size" in response.text and limit in response.text
+
+
+def test_json_to_the_upload_route_and_bad_base64_are_refused(client):
+    assert client.post("/v1/caption/upload", json=CAPTION_EXAMPLE).status_code == 415
+    bad = client.post("/v1/caption", json={"image": "%%% not base64 %%%"})
+    assert bad.status_code == 400 and "base64" in bad.text
+
+
+def stream_events(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/caption/stream", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    return [json.loads(line.removeprefix("data: ")) for line in lines]
+
+
+def test_stream_sends_words_then_a_summary_equal_to_greedy(client):
+    data = b64(scene_file(7))
+    events = stream_events(client, {"image": data})
+    *words, end = events
+    assert end["done"] is True and end["complete"] is True
+    assert [w["index"] for w in words] == list(range(len(words)))
+    greedy = post_retrying_503(client, "/v1/caption", json={"image": data}).json()
+    assert end["caption"] == greedy["caption"] == " ".join(w["token"] for w in words)
+    assert [w["probability"] for w in words] == pytest.approx([t["probability"] for t in greedy["tokens"]],
+                                                              abs=1e-5)
+
+
+def test_stream_rejects_a_bad_image_before_streaming(client):
+    response = client.post("/v1/caption/stream", json={"image": b64(b"definitely not an image")})
+    assert response.status_code == 415 and "PNG, JPEG or WebP" in response.text
+
+
+def batch_histogram(client) -> tuple[float, float]:
+    text = client.get("/metrics").text
+    values = []
+    for kind in ("sum", "count"):
+        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="caption"' \
+                  rf'[^}}]*runner_name="caption"[^}}]*\}} ([0-9.e+]+)$'
+        values.append(sum(float(v) for v in re.findall(pattern, text, flags=re.M)))
+    return values[0], values[1]
+
+
+def test_concurrent_requests_are_batched_and_match_single_calls(client, server):
+    files = [scene_file(seed) for seed in range(8)]
+    singles = [post_retrying_503(client, "/v1/caption", json={"image": b64(f)}).json()["caption"]
+               for f in files]
+    before_sum, before_count = batch_histogram(client)
+
+    def one(i: int) -> str:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            response = post_retrying_503(http, "/v1/caption", json={"image": b64(files[i % 8])})
+            assert response.status_code == 200, response.text
+            return response.json()["caption"]
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        captions = list(pool.map(one, range(48)))
+    assert captions == [singles[i % 8] for i in range(48)], "batching changed a caption"
+    after_sum, after_count = batch_histogram(client)
+    requests, calls = after_sum - before_sum, after_count - before_count
+    assert requests >= 48
+    assert calls < requests, f"{calls} model calls for {requests} requests: no batching happened"
+
+
+def test_metrics_count_image_bytes_decode_steps_caption_length_and_rejections(client):
+    upload(client, scene_file(9))
+    upload(client, b"not an image")
+    text = client.get("/metrics").text
+    for pattern in (r'rnnserve_caption_image_bytes_count\{model="caption"\} [1-9]',
+                    r'rnnserve_caption_decode_steps_count\{[^}]*model="caption"[^}]*\} [1-9]',
+                    r'rnnserve_caption_length_tokens_count\{model="caption"\} [1-9]',
+                    r'rnnserve_caption_rejected_images_total\{model="caption",status="415"\} [1-9]'):
+        assert re.search(pattern, text), pattern
+
+
+def test_spec_models_and_openapi_document_captioning(client):
+    spec = client.post("/v1/caption/spec", json={}).json()
+    assert spec["image_size"] == 64 and spec["max_beam_size"] == MAX_BEAM_SIZE
+    assert spec["formats"] == ["PNG", "JPEG", "WEBP"]
+    models = {m["name"]: m for m in client.post("/v1/models", json={}).json()}
+    fresh = models["caption"]["metrics"]["test_fresh"]["greedy"]
+    assert fresh["attribute_accuracy"] > 0.5 and "test_unseen" in models["caption"]["metrics"]
+    paths = client.get("/docs.json").json()["paths"]
+    for route in ("/v1/caption", "/v1/caption/upload", "/v1/caption/stream", "/v1/caption/spec"):
+        assert route in paths, route
+    assert np.isfinite(fresh["bleu4"])
