@@ -101,6 +101,14 @@ ERROR_RESPONSE_SCHEMA = {
     },
 }
 
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "title": "ServerSentEvent",
+    "description": "One server-sent event; ``data`` holds the endpoint's JSON payload as text.",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+}
 
 @dataclass(frozen=True)
 class Problem:
@@ -262,16 +270,78 @@ def shape_error(status: int, body: bytes, *, retry_after_s: int, timeout_s: floa
     return error_payload(code, f"HTTP {status}")
 
 
+def openapi30(schema: Any) -> Any:
+    """A pydantic (JSON Schema 2020-12) schema in the OpenAPI 3.0 dialect that BentoML declares.
+
+    ``X | None`` (``anyOf`` with ``{"type": "null"}``) becomes ``nullable: true``, a numeric
+    ``exclusiveMinimum``/``exclusiveMaximum`` becomes ``minimum`` + ``exclusiveMinimum: true``, and
+    ``const`` becomes a one-value ``enum``.
+    """
+    if isinstance(schema, list):
+        return [openapi30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: openapi30(value) for key, value in schema.items()}
+    for key in ("anyOf", "oneOf"):
+        options = out.get(key)
+        if isinstance(options, list) and {"type": "null"} in options:
+            rest = [option for option in options if option != {"type": "null"}]
+            del out[key]
+            if len(rest) == 1 and "$ref" in rest[0]:
+                out["allOf"] = rest  # OpenAPI 3.0 ignores siblings of $ref, so wrap it
+            elif len(rest) == 1:
+                out = {**rest[0], **out}
+            else:
+                out[key] = rest
+            out["nullable"] = True
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = out.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[plain], out[bound] = value, True
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    return out
+
+
+def true_api_schemas(service: Any, spec: dict[str, Any]) -> None:
+    """Replaces BentoML's flattened JSON request and response schemas with pydantic's own.
+
+    BentoML's generator keeps only the first member of every ``anyOf`` (so ``float | None`` is
+    documented as a plain number, and a null answer breaks the document) and copies numeric
+    ``exclusiveMinimum`` into a 3.0 document. This regenerates them from the models.
+    """
+    ref_template = "#/components/schemas/{model}"
+    schemas = spec["components"]["schemas"]
+    for method in service.apis.values():
+        operation = spec.get("paths", {}).get(method.route, {}).get("post")
+        if operation is None:
+            continue
+        body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+        if body is not None:
+            generated = method.input_spec.model_json_schema(ref_template=ref_template)
+            schemas.update({k: openapi30(v) for k, v in generated.pop("$defs", {}).items()})
+            body["schema"] = {**openapi30(generated), "title": body.get("schema", {}).get("title")}
+        answer = operation.get("responses", {}).get("200", {}).get("content", {}).get("application/json")
+        if answer is not None and not method.is_stream:
+            generated = method.output_spec.model_json_schema(ref_template=ref_template, mode="serialization")
+            schemas.update({k: openapi30(v) for k, v in generated.pop("$defs", {}).items()})
+            answer["schema"] = openapi30(generated)
+
+
 def patch_openapi(spec: dict[str, Any], *, prefix: str, token_paths: tuple[str, ...],
-                  token_enabled: bool, max_body_bytes: int, body_limits: dict[str, int]) -> dict[str, Any]:
-    """Makes the served OpenAPI document tell the truth about errors.
+                  token_enabled: bool, max_body_bytes: int, body_limits: dict[str, int],
+                  service: Any = None) -> dict[str, Any]:
+    """Makes the served OpenAPI document tell the truth.
 
     BentoML documents 400/404/500 as ``{"error": str, "detail": str}``; they are ErrorResponse here,
     and every API path also documents 413 (with its body limit), 415, 429, 503 (with Retry-After) and,
-    for token-protected paths, 401.
+    for token-protected paths, 401. Streams are documented as events, and with ``service`` the JSON
+    request and response schemas are pydantic's own (``true_api_schemas``).
     """
     spec = copy.deepcopy(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    if service is not None:
+        true_api_schemas(service, spec)
     schemas["ErrorInfo"] = ERROR_INFO_SCHEMA
     schemas["ErrorResponse"] = ERROR_RESPONSE_SCHEMA
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):
@@ -293,6 +363,10 @@ def patch_openapi(spec: dict[str, Any], *, prefix: str, token_paths: tuple[str, 
         for method, operation in item.items():
             if method != "post" or not isinstance(operation, dict):
                 continue
+            for answer in operation.get("responses", {}).values():
+                # BentoML documents a stream as one string; a client (and schemathesis) sees events.
+                if isinstance(answer, dict) and "text/event-stream" in answer.get("content", {}):
+                    answer["content"]["text/event-stream"]["schema"] = SSE_EVENT_SCHEMA
             limit = body_limit_for(path, max_body_bytes, body_limits)
             responses = operation.setdefault("responses", {})
             responses.setdefault("400", response("Invalid request: see error.code and error.field."))
@@ -475,9 +549,9 @@ class GuardMiddleware:
 
         try:
             if not deadline:
-                await self.app(scope, receive, shaping_send)
+                await self._unexpected(scope, receive, shaping_send, started)
                 return
-            task = asyncio.ensure_future(self.app(scope, receive, shaping_send))
+            task = asyncio.ensure_future(self._unexpected(scope, receive, shaping_send, started))
             waiter = asyncio.ensure_future(started.wait())
             try:
                 await asyncio.wait({task, waiter}, timeout=self.timeout_s,
@@ -494,6 +568,16 @@ class GuardMiddleware:
             await task
         finally:
             _REQUEST_PROBLEM.reset(token)
+
+    async def _unexpected(self, scope: Scope, receive: Receive, send: Send, started: asyncio.Event) -> None:
+        """Runs the app; an exception that escapes it becomes a shaped 500 (if nothing was sent yet)."""
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if started.is_set():
+                raise
+            await self._refuse(send, Problem(500, *GENERIC_5XX[500]))
 
     # Documents and probes ------------------------------------------------------------------------
 
@@ -516,7 +600,7 @@ class GuardMiddleware:
             return
         spec = patch_openapi(json.loads(b"".join(chunks)), prefix=self.prefix, token_paths=self.token_paths,
                              token_enabled=bool(self.api_token), max_body_bytes=self.max_body_bytes,
-                             body_limits=self.body_limits)
+                             body_limits=self.body_limits, service=self.service)
         await self._send_json(send, 200, spec)
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -529,7 +613,11 @@ class GuardMiddleware:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
-        await self.app(scope, receive, capture)
+        try:
+            await self.app(scope, receive, capture)
+        except Exception as exc:  # BentoML's probe raises when a dependency refuses connections
+            logger.warning("readiness probe failed: %s: %s", type(exc).__name__, exc)
+            start = {"status": 503}
         status = start.get("status", 500)
         if status == 200:
             await send(start)
@@ -670,8 +758,8 @@ def _tolerate(svc: Any) -> None:
             MODEL_LOAD_FAILED.labels(name).set(1)
             logger.error("MODEL NOT LOADED: %s: %s. The %s service stays up in a failed state: /readyz "
                          "is not ready and its endpoints answer 503; the other models keep serving. "
-                         "Re-register a good artifact and restart. (%.2f s)", name, exc, name,
-                         time.perf_counter() - started)
+                         "Re-register a good artifact and restart. (%.2f s)", name, str(exc).rstrip("."),
+                         name, time.perf_counter() - started)
         else:
             MODEL_LOAD_FAILED.labels(name).set(0)
 

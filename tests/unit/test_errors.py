@@ -280,3 +280,14 @@ def test_a_service_that_failed_to_load_refuses_every_kind_of_call():
 
     assert _refuse_when_not_loaded(plain, "m")(Fine(), 7) == 7
     assert issubclass(ArtifactError, RuntimeError)
+
+
+def test_an_exception_escaping_the_app_is_a_shaped_500():
+    async def broken(scope, receive, send):
+        raise RuntimeError("/secret/path exploded")
+
+    app = GuardMiddleware(broken, max_body_bytes=100, max_json_depth=4, max_in_flight=2, timeout_s=5,
+                          retry_after_s=1, api_token="")
+    [response] = run(app, post("/v1/x", json_body={}))
+    assert_shape(response, 500, "internal_error")
+    assert "secret" not in response.text

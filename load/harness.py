@@ -1,0 +1,254 @@
+"""Shared pieces of the reliability scripts (overload, soak, faults): traffic, timing, memory.
+
+Traffic only ever goes to 127.0.0.1. The driver is open-loop (requests are sent on a fixed schedule,
+whether or not earlier ones have answered), so a slow server meets the full offered load instead of
+slowing the client down, which is what an overload test needs. It uses aiohttp (a BentoML dependency),
+which costs less client CPU per request than httpx on this shared machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import csv
+import functools
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = ROOT / "load" / "reports"
+DEV = ROOT / "training" / "data" / "sst2" / "glue_dev.tsv"
+# Client-side limit, well past the service's own timeout (RNNSERVE_TIMEOUT_S, 30 s): a request that
+# reaches it means the service hung past its documented bound.
+CLIENT_TIMEOUT_S = 60.0
+
+
+def sentences() -> list[str]:
+    """Real SST-2 dev sentences (the sentiment model's held-out set)."""
+    with open(DEV, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        return [row[0].strip() for row in reader]
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    body: dict[str, Any]
+    check: Callable[[dict[str, Any]], bool]
+
+
+def sentiment_requests(seed: int = 0) -> Callable[[], Request]:
+    """Sentiment traffic like the Locust user: 4 of 5 requests one text, else 2-16 texts."""
+    rng = random.Random(seed)
+    texts = sentences()
+
+    def make() -> Request:
+        if rng.random() < 0.8:
+            batch = [rng.choice(texts)]
+            body: dict[str, Any] = {"text": batch[0]}
+        else:
+            batch = rng.sample(texts, rng.randint(2, 16))
+            body = {"texts": batch}
+        return Request("/v1/sentiment", body, functools.partial(has_results, len(batch)))
+
+    return make
+
+
+def has_results(count: int, answer: dict[str, Any]) -> bool:
+    results = answer.get("results", [])
+    return len(results) == count and all(r.get("label") in ("negative", "positive") for r in results)
+
+
+@dataclass
+class Outcome:
+    sent_at: float  # seconds since the run started
+    latency_s: float
+    status: str  # "200", "503", ... or the client error's name ("ClientTimeout", "ConnectionRefused")
+    ok: bool  # 200 and a well-formed answer
+
+
+@dataclass
+class Run:
+    outcomes: list[Outcome] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    missing_retry_after: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(o.status for o in self.outcomes).items()))
+
+    def summary(self) -> dict[str, Any]:
+        latencies = sorted(o.latency_s for o in self.outcomes)
+        ok = [o.latency_s for o in self.outcomes if o.ok]
+
+        def pct(values: list[float], q: float) -> float | None:
+            return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+        return {"requests": len(self.outcomes), "statuses": self.counts(),
+                "ok": len(ok), "malformed_200": sum(o.status == "200" and not o.ok for o in self.outcomes),
+                "retryable_without_retry_after": self.missing_retry_after,
+                "latency_s": {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
+                              "max": round(latencies[-1], 3) if latencies else None},
+                "ok_latency_s": {"p50": pct(sorted(ok), 0.5), "p99": pct(sorted(ok), 0.99),
+                                 "mean": round(statistics.fmean(ok), 3) if ok else None}}
+
+
+def session(limit: int = 4096) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=limit, force_close=False)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S))
+
+
+async def send(http: aiohttp.ClientSession, url: str, request: Request, run: Run) -> Outcome:
+    sent = time.monotonic()
+    try:
+        async with http.post(url + request.path, json=request.body) as response:
+            payload = await response.read()
+            status = str(response.status)
+            ok = False
+            if response.status == 200:
+                try:
+                    ok = request.check(json.loads(payload))
+                except ValueError:
+                    ok = False
+            elif response.status in (429, 503) and "Retry-After" not in response.headers:
+                run.missing_retry_after += 1
+    except TimeoutError:
+        status, ok = "ClientTimeout", False
+    except aiohttp.ClientConnectorError:
+        status, ok = "ConnectionRefused", False
+    except aiohttp.ClientError as exc:
+        status, ok = type(exc).__name__, False
+    outcome = Outcome(sent - run.started, time.monotonic() - sent, status, ok)
+    run.outcomes.append(outcome)
+    return outcome
+
+
+async def open_loop(url: str, rate: float, duration_s: float, make: Callable[[], Request],
+                    run: Run | None = None, sending_done: asyncio.Event | None = None) -> Run:
+    """Sends ``rate`` requests per second for ``duration_s``, on schedule, and waits for every answer.
+
+    ``sending_done`` is set when the last request has been sent (answers may still be pending).
+    """
+    run = run or Run()
+    tasks: set[asyncio.Task] = set()
+    async with session() as http:
+        start = time.monotonic()
+        sent = 0
+        while (elapsed := time.monotonic() - start) < duration_s:
+            due = int(elapsed * rate) + 1
+            for _ in range(due - sent):
+                task = asyncio.create_task(send(http, url, make(), run))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            sent = due
+            await asyncio.sleep(min(0.01, 1 / rate))
+        if sending_done is not None:
+            sending_done.set()
+        if tasks:
+            await asyncio.gather(*tasks)
+    return run
+
+
+async def closed_loop(url: str, concurrency: int, duration_s: float, make: Callable[[], Request]) -> Run:
+    """``concurrency`` clients, each sending its next request when the last one answers."""
+    run = Run()
+    async with session(concurrency) as http:
+        stop = time.monotonic() + duration_s
+
+        async def client() -> None:
+            while time.monotonic() < stop:
+                await send(http, url, make(), run)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return run
+
+
+async def measure_peak(url: str, make: Callable[[], Request], concurrency: int = 32,
+                       duration_s: float = 15.0) -> tuple[float, Run]:
+    """Peak throughput: well-formed 200s per second with ``concurrency`` closed-loop clients."""
+    run = await closed_loop(url, concurrency, duration_s, make)
+    return sum(o.ok for o in run.outcomes) / duration_s, run
+
+
+async def time_to_normal(url: str, make: Callable[[], Request], limit_s: float = 60.0,
+                         needed: int = 3) -> float | None:
+    """Seconds until the first of ``needed`` consecutive sequential requests answers normally.
+
+    None when that does not happen within ``limit_s``.
+    """
+    start = time.monotonic()
+    streak, streak_start = 0, 0.0
+    run = Run()
+    async with session(4) as http:
+        while time.monotonic() - start < limit_s:
+            outcome = await send(http, url, make(), run)
+            if outcome.ok:
+                if streak == 0:
+                    streak_start = time.monotonic() - start
+                streak += 1
+                if streak >= needed:
+                    return round(streak_start, 3)
+            else:
+                streak = 0
+                await asyncio.sleep(0.1)
+    return None
+
+
+# Processes and memory ----------------------------------------------------------------------------
+
+
+def label(process: psutil.Process) -> str:
+    """``bentoml serve`` (the arbiter), the entry worker, or the model service's name."""
+    try:
+        args = process.cmdline()
+    except psutil.Error:
+        return "gone"
+    if "--service-name" in args:
+        name = args[args.index("--service-name") + 1]
+        worker = args[args.index("--worker-id") + 1] if "--worker-id" in args else "1"
+        return f"{name}#{worker}"
+    if "serve" in args:
+        return "arbiter"
+    return " ".join(args[:3])[:40]
+
+
+def service_processes(root_pid: int) -> dict[str, psutil.Process]:
+    root = psutil.Process(root_pid)
+    processes = {"arbiter": root}
+    for child in root.children(recursive=True):
+        processes[label(child)] = child
+    return processes
+
+
+def rss_mib(root_pid: int) -> dict[str, float]:
+    """Resident memory of every process of the server, in MiB, by label."""
+    out = {}
+    for name, process in service_processes(root_pid).items():
+        try:
+            out[name] = round(process.memory_info().rss / 2**20, 1)
+        except psutil.Error:
+            continue
+    return dict(sorted(out.items()))
+
+
+def worker_pid(root_pid: int, service: str) -> int:
+    for name, process in service_processes(root_pid).items():
+        if name.split("#")[0] == service:
+            return process.pid
+    raise LookupError(f"no worker of service {service!r} under pid {root_pid}")
+
+
+def write_report(name: str, report: dict[str, Any], out: Path = REPORTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
