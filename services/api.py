@@ -16,7 +16,7 @@ from bentoml.exceptions import InvalidArgument
 
 from services.caption import Caption, caption_response, prepare_item, read_upload
 from services.errors import GuardMiddleware, guard_dependencies, tolerate_load_failures
-from services.forecast import Forecast, session_or_raise, window_response
+from services.forecast import Forecast, session_answer, window_response
 from services.http import JsonOnlyMiddleware
 from services.metrics import FORECAST_REQUESTS_TOTAL
 from services.schemas.caption import (
@@ -99,39 +99,36 @@ class Api:
     @bentoml.api(route="/v1/forecast/sessions")
     async def create_forecast_session(self, request: SessionCreateRequest, /) -> SessionInfo:
         """Opens a streaming session, optionally warmed with history; 429 when the limit is reached."""
-        result = await self.forecast.to_async.create_session(history=request.history)
-        return session_or_raise(result).session
+        return session_answer(await self.forecast.to_async.create_session(history=request.history))
 
     @bentoml.api(route="/v1/forecast/sessions/step")
     async def step_forecast_session(self, request: StepRequest, /) -> SessionInfo:
         """Posts one new bar to a session and returns the next business day's forecast."""
         item = StepItem(session_id=request.session_id, bar=request.bar)
         [result] = await self.forecast.to_async.step([item])
-        return session_or_raise(result).session
+        return session_answer(result)
 
     @bentoml.api(route="/v1/forecast/sessions/get")
     async def get_forecast_session(self, request: SessionRef, /) -> SessionInfo:
         """Reads a session: bars seen, last bar, latest forecast."""
-        result = await self.forecast.to_async.get_session(session_id=request.session_id)
-        return session_or_raise(result).session
+        return session_answer(await self.forecast.to_async.get_session(session_id=request.session_id))
 
     @bentoml.api(route="/v1/forecast/sessions/delete")
     async def delete_forecast_session(self, request: SessionRef, /) -> Deleted:
         """Closes a session and frees its state."""
-        result = await self.forecast.to_async.delete_session(session_id=request.session_id)
-        return Deleted(session_id=session_or_raise(result).session.session_id)
+        answer = session_answer(await self.forecast.to_async.delete_session(session_id=request.session_id))
+        return Deleted(session_id=answer.session_id) if isinstance(answer, SessionInfo) else answer
 
     @bentoml.api(route="/v1/forecast/sessions/export")
     async def export_forecast_session(self, request: SessionRef, /) -> SessionState:
         """Returns a session's hidden state, to resume it on another replica with import."""
         result = await self.forecast.to_async.export_session(session_id=request.session_id)
-        return session_or_raise(result).state
+        return session_answer(result, "state")
 
     @bentoml.api(route="/v1/forecast/sessions/import")
     async def import_forecast_session(self, request: SessionState, /) -> SessionInfo:
         """Opens a new session from an exported state (same model version only)."""
-        result = await self.forecast.to_async.import_session(state=request)
-        return session_or_raise(result).session
+        return session_answer(await self.forecast.to_async.import_session(state=request))
 
     async def _caption_input_spec(self) -> CaptionSpec:
         if self._caption_spec is None:

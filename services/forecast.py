@@ -28,11 +28,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 import bentoml
 import numpy as np
 import torch
 from bentoml.exceptions import BentoMLException
+from starlette.responses import JSONResponse
 
 from models.forecast import bar_features
 from services.artifacts import load_artifact
@@ -509,13 +511,18 @@ ERROR_STATUS = {
 }
 
 
-def session_or_raise(result: object) -> SessionResult:
-    """Turns a model-service error item into the HTTP error it stands for (404, 429 or 400)."""
-    result = SessionResult.model_validate(result, from_attributes=True)
-    if result.error is not None:
-        status = ERROR_STATUS.get(result.error, HTTPStatus.BAD_REQUEST)
-        raise BentoMLException(result.message or result.error, error_code=status)
-    return result
+def session_answer(result: object, field: str = "session") -> Any:
+    """The ``session`` (or ``state``) of a model-service item, or the HTTP error response it stands for.
+
+    Errors are returned as a response (404, 429 or 400), not raised: the entry service's dependency
+    guard (services/errors.py) turns a raised 429 into a 503 "model unavailable", and a full session
+    table must read as a clear 429.
+    """
+    parsed = SessionResult.model_validate(result, from_attributes=True)
+    if parsed.error is not None:
+        status = ERROR_STATUS.get(parsed.error, HTTPStatus.BAD_REQUEST)
+        return JSONResponse({"error": parsed.message or parsed.error}, status_code=int(status))
+    return getattr(parsed, field)
 
 
 def window_response(request: ForecastRequest, result: object, spec: ForecastSpec,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from http import HTTPStatus
 
 import numpy as np
 import pytest
 import torch
-from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
 from models.forecast import FEATURES, ForecastConfig, ForecastRNN
@@ -19,7 +19,7 @@ from services.forecast import (
     business_dates,
     forecast_windows,
     row_features,
-    session_or_raise,
+    session_answer,
     window_response,
 )
 from services.metrics import FORECAST_SESSION_EXPIRATIONS_TOTAL, FORECAST_SESSIONS_ACTIVE
@@ -192,10 +192,17 @@ def test_model_limits_name_the_limit(spec):
 @pytest.mark.parametrize(("error", "status"), [("not_found", HTTPStatus.NOT_FOUND),
                                                ("too_many_sessions", HTTPStatus.TOO_MANY_REQUESTS),
                                                ("invalid", HTTPStatus.BAD_REQUEST)])
-def test_error_items_map_to_http_statuses(error, status):
-    with pytest.raises(BentoMLException) as caught:
-        session_or_raise(SessionResult(error=error, message="why"))
-    assert caught.value.error_code == status and "why" in str(caught.value)
+def test_error_items_map_to_http_responses(error, status):
+    response = session_answer(SessionResult(error=error, message="why"))
+    assert response.status_code == status and json.loads(response.body) == {"error": "why"}
+
+
+def test_a_good_item_answers_its_session_or_state(model, spec):
+    sessions = store(model, spec)
+    created = sessions.create(BARS[:3])
+    assert session_answer(created) == created.session
+    exported = sessions.export(created.session.session_id)
+    assert session_answer(exported, "state") == exported.state
 
 
 # Sessions -----------------------------------------------------------------------------------------
