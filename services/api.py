@@ -15,7 +15,12 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 
 from services.caption import Caption, caption_response, prepare_item, read_upload
-from services.errors import GuardMiddleware, guard_dependencies, tolerate_load_failures
+from services.errors import (
+    GuardMiddleware,
+    guard_dependencies,
+    stop_dependencies_after_entry,
+    tolerate_load_failures,
+)
 from services.forecast import Forecast, session_answer, window_response
 from services.http import JsonOnlyMiddleware
 from services.metrics import FORECAST_REQUESTS_TOTAL
@@ -179,4 +184,5 @@ Api.add_asgi_middleware(GuardMiddleware, service=Api, body_limits={
     "/v1/caption": (SETTINGS.caption_max_image_bytes + 2) // 3 * 4 + (1 << 16)})
 guard_dependencies(Api)
 tolerate_load_failures(Api)
+stop_dependencies_after_entry(Api)
 Api.add_asgi_middleware(JsonOnlyMiddleware, media_types={"/v1/caption/upload": "multipart/form-data"})

@@ -41,12 +41,15 @@ import inspect
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -805,3 +808,77 @@ def _refuse_when_not_loaded(func: Any, name: str) -> Any:
         check(self)
         return func(self, *args, **kwargs)
     return plain
+
+
+# Shutdown order -----------------------------------------------------------------------------------
+
+
+def stop_dependencies_after_entry(service: Any, max_wait_s: float | None = None) -> Any:
+    """On SIGTERM, model services keep serving until the entry worker has finished, then stop.
+
+    BentoML's arbiter (circus) sends SIGTERM to every worker at once. The entry worker then finishes
+    its requests in flight (uvicorn's graceful shutdown), but those still need their model service,
+    which would already have closed its socket: they failed with a broken pipe. With this, a model
+    service worker defers its SIGTERM until no entry worker (``service.name``) is left under the same
+    arbiter, or ``max_wait_s`` (default RNNSERVE_TIMEOUT_S + 5 s) has passed, and then shuts down
+    gracefully as before. Kubernetes' terminationGracePeriodSeconds must exceed that.
+    """
+    wait_s = max_wait_s if max_wait_s is not None else SETTINGS.timeout_s + 5.0
+    for dependency in service.dependencies.values():
+        if dependency.on is None or getattr(dependency.on.inner, "__rnnserve_drains_last__", False):
+            continue
+        inner = dependency.on.inner
+        original_init = inner.__init__
+
+        def make(original_init: Any) -> Any:
+            @functools.wraps(original_init)
+            def init(self: Any, *args: Any, **kwargs: Any) -> None:
+                original_init(self, *args, **kwargs)
+                defer_sigterm(service.name, wait_s)
+
+            return init
+
+        inner.__init__ = make(original_init)
+        inner.__rnnserve_drains_last__ = True
+    return service
+
+
+def defer_sigterm(entry_name: str, wait_s: float) -> bool:
+    """Wraps this process's SIGTERM handler (uvicorn's) so that it runs once the entry is gone."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return False
+
+    def deferred(signum: int, frame: Any) -> None:
+        def later() -> None:
+            started = time.monotonic()
+            while time.monotonic() - started < wait_s and entry_alive(entry_name):
+                time.sleep(0.1)
+            logger.info("SIGTERM: the entry service has stopped (%.1f s); shutting down gracefully",
+                        time.monotonic() - started)
+            previous(signum, None)
+
+        threading.Thread(target=later, name="rnnserve-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, deferred)
+    return True
+
+
+def entry_alive(entry_name: str) -> bool:
+    """Whether a worker of the entry service still runs under this process's parent (the arbiter)."""
+    try:
+        siblings = psutil.Process().parent().children()
+    except (psutil.Error, AttributeError):
+        return False
+    for process in siblings:
+        try:
+            args = process.cmdline()
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        if "--service-name" in args and args[args.index("--service-name") + 1] == entry_name:
+            return True
+    return False
