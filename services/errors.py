@@ -679,7 +679,9 @@ def _dependency_failure(exc: BaseException) -> Problem | None:
     """The 503 a dependency failure maps to, or None when ``exc`` is not one."""
     import aiohttp  # BentoML's client for dependencies
 
-    if isinstance(exc, BentoMLException) and int(exc.error_code) in RETRYABLE:
+    # 429 is left alone: an endpoint's own "too many sessions" must stay a 429, and no model service
+    # sets BentoML's max_concurrency, so a dependency never answers one.
+    if isinstance(exc, BentoMLException) and int(exc.error_code) in (503, 504):
         return Problem(503, "model_unavailable", "A model service shed this request (overloaded, "
                        f"timed out or not loaded); retry after {SETTINGS.retry_after_s} s. /readyz "
                        "names the models that are not ready.")
@@ -692,9 +694,9 @@ def _dependency_failure(exc: BaseException) -> Problem | None:
 def guard_dependencies(service: Any) -> Any:
     """Wraps every non-streaming endpoint of ``service`` so dependency failures answer 503.
 
-    A model service that sheds load (503), is over its concurrency limit (429), times out, restarts
-    after a crash (connection refused or reset) or is not loaded surfaces in the entry as a
-    BentoMLException or an aiohttp error; BentoML would answer it with a bare 500. Streaming
+    A model service that sheds load (503), times out, restarts after a crash (connection refused or
+    reset) or is not loaded surfaces in the entry as a BentoMLException or an aiohttp error; BentoML
+    would answer most of them with a bare 500. Streaming
     endpoints are left alone: their status is sent before the first event.
     """
     for method in service.apis.values():

@@ -244,7 +244,8 @@ def test_dependency_failures_map_to_503_and_bugs_do_not():
     import aiohttp
 
     assert _dependency_failure(ServiceUnavailable("shed")).status == 503
-    assert _dependency_failure(BentoMLException("busy", error_code=429)).code == "model_unavailable"
+    assert _dependency_failure(BentoMLException("slow", error_code=504)).code == "model_unavailable"
+    assert _dependency_failure(BentoMLException("too many sessions", error_code=429)) is None
     assert _dependency_failure(aiohttp.ServerDisconnectedError()).status == 503
     assert _dependency_failure(TimeoutError()).status == 503
     assert _dependency_failure(BentoMLException("bug")) is None
