@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench
+.PHONY: setup register serve test lint unit integration e2e load bench train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,15 @@ integration: setup
 e2e: setup
 	$(BIN)/python -m pytest tests/e2e
 
-## Bounded headless Locust run against a server it starts itself; reports in load/reports/.
+## Bounded headless Locust run against a server it starts itself; reports in load/reports/
+## (summary.md with the server's view from /metrics, charts, Locust CSV/HTML). Step load: ARGS=--shape step
 load: register
-	$(BIN)/python -m load.run
+	$(BIN)/python -m load.run $(ARGS)
+
+## Each model's in-process ceiling against the service, batching on and off, length groups;
+## prints the tables and writes load/reports/bench.json (results: load/RESULTS.md). Takes ~10 min.
+bench: register
+	$(BIN)/python -m load.bench $(ARGS)
 
 train-sentiment: setup
 	$(BIN)/python -m training.train_sentiment

@@ -13,6 +13,7 @@ import time
 import bentoml
 import torch
 
+import services.bentoml_patches  # noqa: F401 - per-request overhead removed (load/RESULTS.md)
 from models.text import Vocab
 from services.artifacts import load_artifact
 from services.batching import LengthGrouping, collate, run_in_groups, split
