@@ -46,6 +46,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "sentiment": Endpoint("/v1/sentiment", "services.schemas.sentiment", "SENTIMENT_EXAMPLE"),
     "forecast": Endpoint("/v1/forecast", "services.schemas.forecast", "FORECAST_EXAMPLE"),
     "caption": Endpoint("/v1/caption", "services.schemas.caption", "CAPTION_EXAMPLE"),
+    "translate": Endpoint("/v1/translate", "services.schemas.translate", "TRANSLATE_EXAMPLE"),
 }
 # Paths the deployment relies on (probes, scraping); the manifest tests check them against these.
 LIVENESS_PATH = "/livez"
