@@ -3,7 +3,8 @@
 The user classes of every such file that exists are imported here, so a new model's users are picked
 up without editing this file. Settings: ``load/locust.conf``. The step-load shape lives in
 ``load/shape.py`` and is used only when passed too (``-f load/locustfile.py,load/shape.py``, or
-``python -m load.run --shape step``).
+``python -m load.run --shape step``). ``LOAD_MODELS=sentiment,forecast`` keeps only those models' users
+(the CI smoke run uses it for the models whose artifacts are committed).
 
     locust --config load/locust.conf --host http://127.0.0.1:3000 [UserClass ...]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -22,10 +24,17 @@ if str(HERE.parent) not in sys.path:  # `locust -f load/locustfile.py` from anyw
     sys.path.insert(0, str(HERE.parent))
 
 
-def discover() -> dict[str, list[type[User]]]:
-    """User classes by model name (the ``<model>`` of ``load/<model>_locust.py``), in file order."""
+def models() -> list[str]:
+    """Model names with a Locust file: the ``<model>`` of every ``load/<model>_locust.py``."""
+    return [path.stem.removesuffix("_locust") for path in sorted(HERE.glob("*_locust.py"))]
+
+
+def discover(selected: list[str] | None = None) -> dict[str, list[type[User]]]:
+    """User classes by model name, for every model with a Locust file (or only ``selected``)."""
     users: dict[str, list[type[User]]] = {}
     for path in sorted(HERE.glob("*_locust.py")):
+        if selected is not None and path.stem.removesuffix("_locust") not in selected:
+            continue
         module = importlib.import_module(f"load.{path.stem}")
         classes = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
                    if issubclass(cls, User) and cls.__module__ == module.__name__ and not cls.abstract]
@@ -33,7 +42,7 @@ def discover() -> dict[str, list[type[User]]]:
     return users
 
 
-USERS_BY_MODEL = discover()
+USERS_BY_MODEL = discover([m for m in os.environ.get("LOAD_MODELS", "").split(",") if m] or None)
 # Locust runs the User classes found among this module's globals (so no loop variable may hold one).
 globals().update({cls.__name__: cls for classes in USERS_BY_MODEL.values() for cls in classes})
 __all__ = ["USERS_BY_MODEL", *(cls.__name__ for classes in USERS_BY_MODEL.values() for cls in classes)]
