@@ -1,6 +1,6 @@
 """Starts the service on a free loopback port, runs Locust headless and bounded, and reports.
 
-    python -m load.run [--users 32] [--run-time 60s] [--tags sentiment] [--shape step] [UserClass ...]
+    python -m load.run [--users 32] [--run-time 60s] [--models sentiment] [--shape step] [UserClass ...]
     python -m load.run --host http://127.0.0.1:3000     # against a server that is already running
 
 Settings come from ``load/locust.conf``; the options here override them. Reports go to
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spawn-rate", type=int, default=None)
     parser.add_argument("--run-time", default=None, help="e.g. 60s (locust.conf: 60s)")
     parser.add_argument("--tags", nargs="*", default=[])
+    parser.add_argument("--models", nargs="*", default=[],
+                        help="only these models' users (load/<model>_locust.py); default: all")
     parser.add_argument("--shape", choices=("none", "step"), default="none",
                         help="step: load/shape.py, --steps equal steps up to --users")
     parser.add_argument("--host", help="use this running server instead of starting one")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                  run_time=args.run_time, tags=args.tags, shape=args.shape,
                                  user_classes=args.user_classes)
         print(" ".join(command))
-        code = subprocess.run(command, cwd=ROOT).returncode
+        env = {**os.environ, **({"LOAD_MODELS": ",".join(args.models)} if args.models else {})}
+        code = subprocess.run(command, cwd=ROOT, env=env).returncode
         (args.out / "metrics_after.txt").write_text(read_metrics(url))
     finally:
         if server is not None:
