@@ -74,7 +74,7 @@ MaxLength = Annotated[
 class CaptionRequest(BaseModel):
     """One image, base64-encoded, and decoding options. Unknown fields are rejected."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CAPTION_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": CAPTION_EXAMPLE})
 
     image: Annotated[str, Field(
         min_length=1, max_length=MAX_BASE64_CHARS,
@@ -93,7 +93,7 @@ class StreamRequest(BaseModel):
     """One image, base64-encoded; streaming decodes greedily, word by word."""
 
     model_config = ConfigDict(extra="forbid",
-                              json_schema_extra={"examples": [{"image": EXAMPLE_IMAGE_BASE64}]})
+                              json_schema_extra={"example": {"image": EXAMPLE_IMAGE_BASE64}})
 
     image: Annotated[str, Field(min_length=1, max_length=MAX_BASE64_CHARS,
                                 description="As in /v1/caption."), AfterValidator(_check_base64)]
