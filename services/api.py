@@ -47,8 +47,10 @@ from services.schemas.forecast import (
     check_forecast,
 )
 from services.schemas.sentiment import SentimentRequest, SentimentResponse
+from services.schemas.translate import TranslateRequest, TranslateResponse, TranslateStreamRequest
 from services.sentiment import Sentiment
 from services.settings import SETTINGS
+from services.translate import Translate
 
 
 @bentoml.service(name="rnnserve", traffic={"timeout": SETTINGS.timeout_s})
@@ -56,6 +58,7 @@ class Api:
     sentiment = bentoml.depends(Sentiment)
     forecast = bentoml.depends(Forecast)
     caption = bentoml.depends(Caption)
+    translate = bentoml.depends(Translate)
 
     def __init__(self) -> None:
         self._model_info: dict[str, ModelInfo] = {}
@@ -170,12 +173,36 @@ class Api:
         """The caption model's input size, normalisation, formats and limits."""
         return await self._caption_input_spec()
 
+    @bentoml.api(route="/v1/translate")
+    async def translate_text(self, request: TranslateRequest, /) -> TranslateResponse:
+        """Translates one English text or a list into Spanish (greedy for beam_size 1, else beam search).
+
+        Texts of concurrent requests are batched together; each keeps its own options.
+        """
+        results = await self.translate.to_async.translate(request.items())
+        return TranslateResponse(model=await self._info("translate", self.translate), results=results)
+
+    @bentoml.api(route="/v1/translate/stream")
+    async def translate_stream(self, request: TranslateStreamRequest, /) -> AsyncGenerator[str, None]:
+        """Greedy translation as server-sent events: ``{"delta": ...}`` as text is decoded, then a
+        ``{"done": true, "translation": ...}`` summary. Not batched: one decode loop per stream.
+        """
+        buffer = ""  # the dependency's byte chunks need not align with events: re-frame on blank lines
+        async for chunk in self.translate.to_async.stream(text=request.text, max_length=request.max_length):
+            buffer += chunk
+            *frames, buffer = buffer.split("\n\n")
+            for frame in frames:
+                yield frame + "\n\n"
+        if buffer.strip():
+            yield buffer + "\n\n"
+
     @bentoml.api(route="/v1/models")
     async def models(self) -> list[ModelInfo]:
         """Every model this server answers with: name, version, cell and held-out metrics."""
         return [await self._info("sentiment", self.sentiment),
                 await self._info("forecast", self.forecast),
-                await self._info("caption", self.caption)]
+                await self._info("caption", self.caption),
+                await self._info("translate", self.translate)]
 
 
 # Outermost first: limits, token, overload, timeout and the one error shape (services/errors.py).
