@@ -268,17 +268,25 @@ class LoadResult:
     client_cpu: float = 0.0  # fraction of one core the load generator used
     server_cpu: float = 0.0  # fraction of one core the server processes used
     target_rps: float | None = None  # open-loop runs only
+    cpu_by_service: dict[str, float] = field(default_factory=dict)  # cores, per server process group
+    model_busy: float = 0.0  # fraction of the time a model forward ran (rnnserve_model_inference_seconds)
+    mean_forward_ms: float = 0.0
+    requests_per_call: float = 0.0  # bentoml_service_adaptive_batch_size: requests merged per call
 
 
-def server_cpu_seconds(pid: int) -> float:
-    total = 0.0
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes, by BentoML service name (``arbiter``: the rest)."""
+    out: dict[str, float] = Counter()
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(pid)
         for process in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
+                cmdline = process.cmdline()
+                name = (cmdline[cmdline.index("--service-name") + 1] if "--service-name" in cmdline
+                        else "arbiter")
                 times = process.cpu_times()
-                total += times.user + times.system
-    return total
+                out[name] += times.user + times.system
+    return out
 
 
 async def _load(url: str, route: str, bodies: list[dict], clients: int, seconds: float,
@@ -329,19 +337,51 @@ async def _load(url: str, route: str, bodies: list[dict], clients: int, seconds:
     return latencies, failures, elapsed
 
 
+def scrape(url: str) -> dict:
+    from load.report import parse_metrics
+
+    with contextlib.suppress(Exception):
+        import httpx
+
+        return parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    return {}
+
+
+def model_counters(before: dict, after: dict) -> dict[str, float]:
+    """Model forwards and their seconds, and batcher calls and requests, between two scrapes."""
+    from load.report import delta
+
+    def total(name: str) -> float:
+        return sum(value for _, value in delta(before, after, name))
+
+    return {"forward_seconds": total("rnnserve_model_inference_seconds_sum"),
+            "forwards": total("rnnserve_model_inference_seconds_count"),
+            "batch_calls": total("bentoml_service_adaptive_batch_size_count"),
+            "batched_requests": total("bentoml_service_adaptive_batch_size_sum")}
+
+
 def run_load(server: Server, route: str, bodies: list[dict], clients: int, seconds: float,
              rate: float | None = None) -> LoadResult:
     asyncio.run(_load(server.url, route, bodies, min(clients, 4), 1.0, None))  # warm connections
+    metrics_before = scrape(server.url)
     client_before, server_before = time.process_time(), server_cpu_seconds(server.process.pid)
     latencies, failures, elapsed = asyncio.run(_load(server.url, route, bodies, clients, seconds, rate))
     client_cpu = (time.process_time() - client_before) / elapsed
-    server_cpu = (server_cpu_seconds(server.process.pid) - server_before) / elapsed
+    server_after = server_cpu_seconds(server.process.pid)
+    by_service = {name: (server_after[name] - server_before.get(name, 0.0)) / elapsed
+                  for name in server_after}
+    server_cpu = sum(by_service.values())
+    model = model_counters(metrics_before, scrape(server.url))
     ordered = sorted(latencies) or [float("nan")]
     return LoadResult(clients=clients, seconds=round(elapsed, 2), requests=len(latencies),
                       rps=len(latencies) / elapsed, p50_ms=1000 * statistics.median(ordered),
                       p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
                       failures=dict(failures), client_cpu=client_cpu, server_cpu=server_cpu,
-                      target_rps=rate)
+                      target_rps=rate, cpu_by_service={k: round(v, 3) for k, v in by_service.items()
+                                                       if v >= 0.005},
+                      model_busy=model["forward_seconds"] / elapsed,
+                      mean_forward_ms=1000 * model["forward_seconds"] / max(1, model["forwards"]),
+                      requests_per_call=model["batched_requests"] / max(1, model["batch_calls"]))
 
 
 def start_server(home: Path, env: dict[str, str], target: str, pin: bool) -> Server:
@@ -356,7 +396,13 @@ def start_server(home: Path, env: dict[str, str], target: str, pin: bool) -> Ser
 
 
 def profile(server: Server, seconds: float, out: Path) -> dict[str, list[tuple[str, float]]]:
-    """py-spy samples of every server worker for ``seconds`` (call while load runs)."""
+    """py-spy samples of every server worker for ``seconds`` (call while load runs).
+
+    Only samples of a thread holding the GIL count (``--gil``): with uvloop, an idle event loop
+    otherwise shows up as the stale stack of the last coroutine it ran. Torch releases the GIL while
+    it computes, so the model's own time is read from ``rnnserve_model_inference_seconds`` instead
+    (``model_busy`` in every load row).
+    """
     workers = psutil.Process(server.process.pid).children(recursive=True)
     procs = {}
     for worker in workers:
@@ -367,7 +413,8 @@ def profile(server: Server, seconds: float, out: Path) -> dict[str, list[tuple[s
         raw = out / f"pyspy-{name}.txt"
         procs[name] = (subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(worker.pid), "--duration",
-             str(int(seconds)), "--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking"],
+             str(int(seconds)), "--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking",
+             "--gil"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
     summary = {}
     for name, (process, raw) in procs.items():
@@ -377,17 +424,23 @@ def profile(server: Server, seconds: float, out: Path) -> dict[str, list[tuple[s
     return summary
 
 
-PROFILE_GROUPS = (  # first match wins; what each group means is in load/RESULTS.md
+# A sample counts for the group of its innermost frame that matches one (a frame matching several
+# counts for the first). "BentoML middlewares" are its tracing, access-log, metrics and timeout
+# wrappers around every request, receive and send.
+PROFILE_GROUPS = (
     ("model forward (torch)", ("torch/", "forward", "_VF", "predict (services/sentiment.py")),
     ("tokenize / encode", ("models/text.py",)),
     ("pydantic validation / serialisation", ("pydantic", "_bentoml_sdk/validators", "io_models")),
     ("json", ("json/", "orjson")),
+    ("metrics (prometheus_client)", ("prometheus_client",)),
+    ("BentoML middlewares (tracing, access log, metrics)", (
+        "opentelemetry", "asgi/__init__.py", "trace/", "context/", "http/access.py", "http/instruments.py",
+        "http/traffic.py", "logging/")),
     ("guard middleware (services/errors.py, http.py)", ("services/errors.py", "services/http.py")),
     ("batching (BentoML dispatcher)", ("dispatcher",)),
     ("entry -> model client (aiohttp)", ("aiohttp", "_bentoml_impl/client")),
-    ("HTTP server (uvicorn, h11, httptools, starlette)", ("uvicorn", "h11", "httptools", "starlette")),
-    ("metrics (prometheus_client)", ("prometheus_client", "bentoml/_internal/server/http/instruments")),
-    ("asyncio / event loop", ("asyncio/", "selectors.py")),
+    ("HTTP server (uvicorn, httptools, starlette)", ("uvicorn", "h11", "httptools", "starlette")),
+    ("asyncio / event loop", ("asyncio/", "selectors.py", "uvloop", "anyio")),
 )
 
 
@@ -456,7 +509,10 @@ def bench_service(plan: ModelPlan, home: Path, args: argparse.Namespace, full_ba
                 rows.append(row)
                 print(f"  {plan.name} batching {mode:>3} {clients:>4} clients: {row.rps:8.1f} req/s  "
                       f"p50 {row.p50_ms:7.1f} ms  p99 {row.p99_ms:7.1f} ms  failures {row.failures or 0}  "
-                      f"cpu: server {row.server_cpu:.2f} client {row.client_cpu:.2f} cores", flush=True)
+                      f"model busy {row.model_busy:.0%}, {row.requests_per_call:.1f} requests/call, "
+                      f"{row.mean_forward_ms:.1f} ms/forward  "
+                      f"cpu: server {row.server_cpu:.2f} {row.cpu_by_service} client {row.client_cpu:.2f} "
+                      "cores", flush=True)
             results[mode] = [asdict(r) for r in rows]
             if mode == "on":
                 peak = max(rows, key=lambda r: r.rps)
@@ -484,6 +540,61 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "load_average_at_start": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def markdown(report: dict) -> str:
+    """The tables of load/RESULTS.md, from a bench.json report."""
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, "
+             f"torch {m['torch']}; load average at start {m['load_average_at_start'][0]:.2f}; "
+             f"{m['date']}.", ""]
+    for name, entry in report["models"].items():
+        lines += [f"### {name}", "", "Ceiling, in process, one thread (sequences/s):", "",
+                  "| path | " + " | ".join(f"batch {b}" for b in entry["ceiling"]) + " |",
+                  "|---|" + "---:|" * len(entry["ceiling"])]
+        for label, key in (("model (collate + forward)", "ceiling"),
+                           ("service helpers", "ceiling_with_helpers")):
+            lines.append(f"| {label} | " + " | ".join(f"{v:.0f}" for v in entry[key].values()) + " |")
+        if "on" in entry:
+            lines += ["", "Service (closed loop, one sequence per request):", "",
+                      "| batching | clients | req/s | p50 ms | p99 ms | failures | requests / model call "
+                      "| model busy | server CPU (cores) | client CPU |",
+                      "|---|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+            for mode in ("on", "off"):
+                for r in entry[mode]:
+                    cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.get("cpu_by_service", {}).items()))
+                    lines.append(f"| {mode} | {r['clients']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
+                                 f"{r['p99_ms']:.1f} | {r['failures'] or 0} | {r['requests_per_call']:.1f} | "
+                                 f"{r['model_busy']:.0%} | {r['server_cpu']:.2f} ({cpu}) | "
+                                 f"{r['client_cpu']:.2f} |")
+            half, ratios = entry["half_peak"], entry["ratios"]
+            lines += ["", f"Open loop at half the peak ({half['target_rps']:.0f} req/s offered): "
+                      f"{half['rps']:.0f} req/s, p50 {half['p50_ms']:.1f} ms, p99 {half['p99_ms']:.1f} ms "
+                      f"against the bound 3 x {entry['max_latency_ms']} ms + {entry['full_batch_ms']:.0f} ms "
+                      f"= {half['bound_ms']:.0f} ms; failures {half['failures'] or 0}.", "",
+                      "Ratios: service best / ceiling best = "
+                      f"{ratios['service_best_over_ceiling_best']:.2f}; batched / unbatched at 64 clients = "
+                      f"{ratios['batched_over_unbatched_at_64'] or 0:.1f}x.", ""]
+        if "grouping" in entry:
+            g = entry["grouping"]
+            lines += ["", "Length groups, batches of 64 (model calls only):", "",
+                      "| mix | plan | padding waste | padded positions / batch | calls / batch "
+                      "| sequences/s |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for mix in ("dev", "long_tail"):
+                for plan, v in g[mix].items():
+                    lines.append(f"| {mix} | {plan} | {v['padding_waste']:.1%} | "
+                                 f"{v['padded_positions_per_batch']:.0f} | {v['calls_per_batch']:.2f} | "
+                                 f"{v['sequences_per_s']:.0f} |")
+            fit = g["fit"]
+            lines += ["", "Cost fit (us): " + ", ".join(f"{k} {v:.2f}" for k, v in fit.items()), ""]
+        if "profile" in entry:
+            lines += ["", "Profile under 64 clients (py-spy, share of busy samples):", ""]
+            for service, groups in entry["profile"].items():
+                if groups and groups[0][1] < 0.95:
+                    lines.append(f"- {service}: " + ", ".join(f"{g} {v:.0%}" for g, v in groups[:8]))
+            lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -553,8 +664,10 @@ def main(argv: list[str] | None = None) -> dict:
             }
             print(f"  ratios: {entry['ratios']}", flush=True)
         report["models"][name] = entry
-        (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"\nwritten: {args.out / 'bench.json'}")
+        (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=float))
+        (args.out / "bench.md").write_text(markdown(json.loads((args.out / "bench.json").read_text())))
+    print("\n" + (args.out / "bench.md").read_text())
+    print(f"written: {args.out / 'bench.json'}, {args.out / 'bench.md'}")
     return report
 
 
