@@ -166,7 +166,7 @@ def save_gallery(path: str | Path, panels: list[tuple[str, np.ndarray, str, bool
 
     columns = 6
     rows = (len(panels) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 3.1))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 3.5))
     for axis in np.atleast_1d(axes).ravel():
         axis.axis("off")
     for axis, (label, pixels, caption, exact) in zip(np.atleast_1d(axes).ravel(), panels, strict=False):
@@ -174,7 +174,7 @@ def save_gallery(path: str | Path, panels: list[tuple[str, np.ndarray, str, bool
         axis.set_title(f"[{label}]\n" + textwrap.fill(caption, 30), fontsize=7,
                        color="darkgreen" if exact else "firebrick")
     figure.suptitle("Generated captions (greedy) on held-out scenes; green = exact match", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97), h_pad=1.5)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
