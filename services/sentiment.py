@@ -85,6 +85,9 @@ def grouping_from_settings() -> LengthGrouping:
     traffic={"timeout": SETTINGS.timeout_s},
     # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
+    # Callers reach this service through the entry, which logs every public request; a second access
+    # log line per request here cost CPU on the hot path (load/RESULTS.md) and told nothing new.
+    logging={"access": {"enabled": False}},
 )
 class Sentiment:
     bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
