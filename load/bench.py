@@ -167,6 +167,39 @@ def forecast_paths() -> tuple[Paths, dict, list[dict]]:
             "helpers": (lambda batch: forecast_windows(model, spec, batch), requests)}, info, bodies
 
 
+def translate_sentences() -> list[str]:
+    """The held-out test split's English sentences (as the BLEU figures and the Locust user)."""
+    from training.train_translate import TrainTranslateConfig, read_pairs, split_of
+
+    config = TrainTranslateConfig()
+    return sorted({english for english, _ in read_pairs(config.data_path, config.member)
+                   if split_of(english, config.test_per_mille, config.dev_per_mille) == "test"})
+
+
+def translate_paths() -> tuple[Paths, dict, list[dict]]:
+    """Greedy decoding. ``model``: collate -> greedy decode on ids; ``helpers``: ``translate``."""
+    from services.artifacts import load_artifact
+    from services.batching import collate
+    from services.schemas.translate import TranslateItem
+    from services.translate import NAME, Codec, decode_batch, translate
+
+    path, sha = artifact_dir("translate")
+    model, metadata = load_artifact(path, expected_sha256=sha)
+    codec = Codec(metadata)
+    texts = translate_sentences()
+    items = [TranslateItem(text=text, beam_size=1) for text in texts]
+    encoded = codec.encode(texts)
+    max_length = items[0].max_length
+    info = {"artifact": str(path), "cell": metadata["cell"], "decoder": "greedy", "max_length": max_length}
+
+    def model_only(batch: list[list[int]]) -> object:
+        tokens, lengths, _ = collate(batch, NAME)
+        return decode_batch(model, tokens, lengths, 1, max_length, 1.0, False)
+
+    paths = {"model": (model_only, encoded), "helpers": (lambda batch: translate(model, codec, batch), items)}
+    return paths, info, [{"text": text, "beam_size": 1} for text in texts]
+
+
 def ceiling(paths: Paths, seconds: float, seed: int = 0) -> dict[str, dict[int, float]]:
     """Sequences per second of each path at each batch size, on the same random batches."""
     out: dict[str, dict[int, float]] = {}
@@ -600,7 +633,8 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["sentiment", "forecast"])
+    parser.add_argument("--models", nargs="*", default=["sentiment", "forecast", "translate"],
+                        help="sentiment, forecast, translate (greedy); caption has no plan yet")
     parser.add_argument("--seconds", type=float, default=8.0, help="per load point")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="per batch size")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 16, 64, 256])
@@ -629,6 +663,9 @@ def main(argv: list[str] | None = None) -> dict:
         elif name == "forecast":
             paths, info, bodies = forecast_paths()
             route = "/v1/forecast"
+        elif name == "translate":
+            paths, info, bodies = translate_paths()
+            route = "/v1/translate"
         else:
             print(f"  no benchmark plan for {name!r}; skipped")
             continue
