@@ -466,7 +466,7 @@ class GuardMiddleware:
         chunks, messages, size = [], [], 0
         while True:
             message = await receive()
-            messages.append(message)
+            messages = [message]  # only the last one matters: it may say the client went away
             if message["type"] != "http.request":
                 return b"".join(chunks), messages, False
             chunk = message.get("body", b"")

@@ -34,7 +34,10 @@ TOKEN = "test-token-for-the-fault-server"
 def degraded(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("damaged_store")
     damage_store(bentoml_home, home, DAMAGED, "tampered")
-    server = start_degraded(home, env={"RNNSERVE_API_TOKEN": TOKEN})
+    # A long batcher deadline: on this shared machine the batcher would otherwise shed some of the
+    # requests put in flight for the SIGTERM test, which is about shutdown, not capacity.
+    env = {"RNNSERVE_API_TOKEN": TOKEN, "RNNSERVE_SENTIMENT_MAX_LATENCY_MS": "10000"}
+    server = start_degraded(home, env=env)
     yield server
     server.stop()
     shutil.rmtree(home, ignore_errors=True)
