@@ -24,7 +24,7 @@ from training.config import parse_config, to_dict
 from training.export import export, sha256_file
 from training.loop import fit, seed_everything
 
-DATA = Path(__file__).parent / "data" / "sst2"
+DATA = Path("training") / "data" / "sst2"  # relative to the repository root, where make runs
 LABELS = ("negative", "positive")
 
 
@@ -45,7 +45,7 @@ class TrainSentimentConfig:
     max_tokens: int = 256
     max_chars: int = 2000
     batch_size: int = 64
-    epochs: int = 8
+    epochs: int = 5
     lr: float = 2e-3
     weight_decay: float = 0.01
     clip_grad_norm: float = 1.0
