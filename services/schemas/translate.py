@@ -71,7 +71,7 @@ class TranslateRequest(TranslateOptions):
 
     model_config = ConfigDict(
         extra="forbid", strict=True,
-        json_schema_extra={"examples": [TRANSLATE_EXAMPLE, TRANSLATE_SINGLE_EXAMPLE]},
+        json_schema_extra={"example": TRANSLATE_EXAMPLE},
     )
 
     text: Text | None = Field(default=None, description="A single English text.")
@@ -102,7 +102,7 @@ class TranslateStreamRequest(BaseModel):
     """One text, translated greedily and sent token by token as server-sent events."""
 
     model_config = ConfigDict(extra="forbid", strict=True,
-                              json_schema_extra={"examples": [TRANSLATE_STREAM_EXAMPLE]})
+                              json_schema_extra={"example": TRANSLATE_STREAM_EXAMPLE})
 
     text: Text
     max_length: MaxLength = MAX_LENGTH
