@@ -134,29 +134,3 @@ MODEL_LOAD_FAILED = Gauge(
     ["model"],
     multiprocess_mode="livemax",
 )
-
-# Captioning. Image bytes are counted for every upload, rejected ones included; decode steps and
-# caption length per generated caption (steps include <eos>; length counts words).
-CAPTION_IMAGE_BYTES = Histogram(
-    "rnnserve_caption_image_bytes",
-    "Size of each uploaded image file, before decoding.",
-    ["model"],
-    buckets=(1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20),
-)
-CAPTION_DECODE_STEPS = Histogram(
-    "rnnserve_caption_decode_steps",
-    "Decoder steps run for each caption (tokens generated, <eos> included).",
-    ["model", "decoder"],
-    buckets=TOKEN_BUCKETS,
-)
-CAPTION_LENGTH_TOKENS = Histogram(
-    "rnnserve_caption_length_tokens",
-    "Words in each generated caption.",
-    ["model"],
-    buckets=TOKEN_BUCKETS,
-)
-CAPTION_REJECTED_IMAGES_TOTAL = Counter(
-    "rnnserve_caption_rejected_images_total",
-    "Uploads refused before reaching the model, by HTTP status (400, 413, 415).",
-    ["model", "status"],
-)
