@@ -532,7 +532,7 @@ def bench_service(plan: ModelPlan, home: Path, args: argparse.Namespace, full_ba
                   extra_env: dict[str, str]) -> dict:
     results: dict = {}
     affinity = os.sched_getaffinity(0)
-    for mode in ("on", "off"):
+    for mode in args.modes:
         env = {"RNNSERVE_BATCHING": mode, "RNNSERVE_DEVICE": "cpu", **extra_env}
         server = start_server(home, env, "services.api:Api", args.pin)
         try:
@@ -594,18 +594,20 @@ def markdown(report: dict) -> str:
                       "| model busy | server CPU (cores) | client CPU |",
                       "|---|---:|---:|---:|---:|---|---:|---:|---|---:|"]
             for mode in ("on", "off"):
-                for r in entry[mode]:
+                for r in entry.get(mode, []):
                     cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.get("cpu_by_service", {}).items()))
                     lines.append(f"| {mode} | {r['clients']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
                                  f"{r['p99_ms']:.1f} | {r['failures'] or 0} | {r['requests_per_call']:.1f} | "
                                  f"{r['model_busy']:.0%} | {r['server_cpu']:.2f} ({cpu}) | "
                                  f"{r['client_cpu']:.2f} |")
-            half, ratios = entry["half_peak"], entry["ratios"]
-            lines += ["", f"Open loop at half the peak ({half['target_rps']:.0f} req/s offered): "
-                      f"{half['rps']:.0f} req/s, p50 {half['p50_ms']:.1f} ms, p99 {half['p99_ms']:.1f} ms "
-                      f"against the bound 3 x {entry['max_latency_ms']} ms + {entry['full_batch_ms']:.0f} ms "
-                      f"= {half['bound_ms']:.0f} ms; failures {half['failures'] or 0}.", "",
-                      "Ratios: service best / ceiling best = "
+            half, ratios = entry.get("half_peak"), entry["ratios"]
+            if half is not None:
+                lines += ["", f"Open loop at half the peak ({half['target_rps']:.0f} req/s offered): "
+                          f"{half['rps']:.0f} req/s, p50 {half['p50_ms']:.1f} ms, "
+                          f"p99 {half['p99_ms']:.1f} ms against the bound 3 x {entry['max_latency_ms']} ms "
+                          f"+ {entry['full_batch_ms']:.0f} ms = {half['bound_ms']:.0f} ms; "
+                          f"failures {half['failures'] or 0}."]
+            lines += ["", "Ratios: service best / ceiling best = "
                       f"{ratios['service_best_over_ceiling_best']:.2f}; batched / unbatched at 64 clients = "
                       f"{ratios['batched_over_unbatched_at_64'] or 0:.1f}x.", ""]
         if "grouping" in entry:
@@ -642,6 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", type=float, default=0.0,
                         help="seconds of py-spy on every server worker under 64 clients (0: off)")
     parser.add_argument("--skip-service", action="store_true", help="ceilings and grouping only")
+    parser.add_argument("--skip-grouping", action="store_true", help="no length-group study")
+    parser.add_argument("--modes", nargs="*", default=["on", "off"], help="batching modes to serve")
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for the server")
     parser.add_argument("--out", type=Path, default=REPORTS)
     args = parser.parse_args(argv)
@@ -679,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"info": info, "ceiling": ceilings, "ceiling_with_helpers": all_ceilings["helpers"],
                  "full_batch_ms": 1000 * full_batch_s, "max_batch_size": max_batch,
                  "max_latency_ms": getattr(settings, f"{name}_max_latency_ms")}
-        if name == "sentiment":
+        if name == "sentiment" and not args.skip_grouping:
             entry["grouping"] = grouping_study(args.ceiling_seconds)
             for mix in ("dev", "long_tail"):
                 shown = "; ".join(f"{k}: waste {v['padding_waste']:.1%}, {v['calls_per_batch']:.2f} calls, "
@@ -691,13 +695,14 @@ def main(argv: list[str] | None = None) -> dict:
             plan = ModelPlan(name, route, bodies, entry["max_latency_ms"], max_batch)
             entry.update(bench_service(plan, home, args, full_batch_s, extra_env))
             best_ceiling = max(ceilings.values())
-            best_service = max(r["rps"] for r in entry["on"])
-            on64 = next((r for r in entry["on"] if r["clients"] == 64), None)
-            off64 = next((r for r in entry["off"] if r["clients"] == 64), None)
+            best_service = max(r["rps"] for mode in args.modes for r in entry[mode])
+            on64 = next((r for r in entry.get("on", []) if r["clients"] == 64), None)
+            off64 = next((r for r in entry.get("off", []) if r["clients"] == 64), None)
             entry["ratios"] = {
                 "service_best_over_ceiling_best": best_service / best_ceiling,
                 "batched_over_unbatched_at_64": (on64["rps"] / off64["rps"]) if on64 and off64 else None,
-                "half_peak_p99_within_bound": entry["half_peak"]["p99_ms"] < entry["half_peak"]["bound_ms"],
+                "half_peak_p99_within_bound": (
+                    "half_peak" in entry and entry["half_peak"]["p99_ms"] < entry["half_peak"]["bound_ms"]),
             }
             print(f"  ratios: {entry['ratios']}", flush=True)
         report["models"][name] = entry
