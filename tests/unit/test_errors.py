@@ -292,3 +292,39 @@ def test_an_exception_escaping_the_app_is_a_shaped_500():
     [response] = run(app, post("/v1/x", json_body={}))
     assert_shape(response, 500, "internal_error")
     assert "secret" not in response.text
+
+
+def test_openapi30_turns_pydantic_schema_into_the_3_0_dialect():
+    from services.errors import openapi30
+
+    schema = {"properties": {
+        "p": {"anyOf": [{"type": "number", "maximum": 1}, {"type": "null"}], "default": None},
+        "ref": {"anyOf": [{"$ref": "#/components/schemas/Bar"}, {"type": "null"}]},
+        "price": {"type": "number", "exclusiveMinimum": 0},
+        "kind": {"const": "done"},
+        "items": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+    }}
+    out = openapi30(schema)["properties"]
+    assert out["p"] == {"type": "number", "maximum": 1, "default": None, "nullable": True}
+    assert out["ref"] == {"allOf": [{"$ref": "#/components/schemas/Bar"}], "nullable": True}
+    assert out["price"] == {"type": "number", "minimum": 0, "exclusiveMinimum": True}
+    assert out["kind"] == {"enum": ["done"]}
+    assert out["items"]["items"] == {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+
+
+def test_deferred_sigterm_runs_the_previous_handler_once_no_entry_is_left():
+    import signal
+    import threading
+
+    from services.errors import defer_sigterm, entry_alive
+
+    assert not entry_alive("no-such-entry-service")
+    called = threading.Event()
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: called.set())
+    try:
+        assert defer_sigterm("no-such-entry-service", wait_s=30)
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)  # what the arbiter's SIGTERM would do
+        assert called.wait(timeout=30)
+    finally:
+        signal.signal(signal.SIGTERM, original)
