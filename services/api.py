@@ -53,7 +53,7 @@ from services.settings import SETTINGS
 from services.translate import Translate
 
 
-@bentoml.service(name="rnnserve", traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="rnnserve", workers=SETTINGS.api_workers, traffic={"timeout": SETTINGS.timeout_s})
 class Api:
     sentiment = bentoml.depends(Sentiment)
     forecast = bentoml.depends(Forecast)

@@ -65,6 +65,9 @@ class Settings:
     # calls the model with its own items. Only for measuring what batching buys (load/bench.py):
     # BentoML needs max_batch_size >= 2, so a batch size of 1 cannot express "off".
     batching: str = "on"
+    # Worker processes of the entry service (services/api.py). Each parses, validates and forwards
+    # requests on its own event loop; max_in_flight applies per worker (load/RESULTS.md).
+    api_workers: int = 1
     # Caption model service. Uploads are checked against the byte and pixel limits before any pixel
     # is decoded (a decompression bomb is refused from its header); beam and length are per request.
     caption_model: str = "caption:latest"
