@@ -82,6 +82,7 @@ class Run:
     outcomes: list[Outcome] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     missing_retry_after: int = 0
+    error_codes: collections.Counter = field(default_factory=collections.Counter)
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(collections.Counter(o.status for o in self.outcomes).items()))
@@ -96,6 +97,7 @@ class Run:
         return {"requests": len(self.outcomes), "statuses": self.counts(),
                 "ok": len(ok), "malformed_200": sum(o.status == "200" and not o.ok for o in self.outcomes),
                 "retryable_without_retry_after": self.missing_retry_after,
+                "error_codes": dict(sorted(self.error_codes.items())),
                 "latency_s": {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
                               "max": round(latencies[-1], 3) if latencies else None},
                 "ok_latency_s": {"p50": pct(sorted(ok), 0.5), "p99": pct(sorted(ok), 0.99),
@@ -119,8 +121,13 @@ async def send(http: aiohttp.ClientSession, url: str, request: Request, run: Run
                     ok = request.check(json.loads(payload))
                 except ValueError:
                     ok = False
-            elif response.status in (429, 503) and "Retry-After" not in response.headers:
-                run.missing_retry_after += 1
+            else:
+                if response.status in (429, 503) and "Retry-After" not in response.headers:
+                    run.missing_retry_after += 1
+                try:
+                    run.error_codes[f"{status} {json.loads(payload)['error']['code']}"] += 1
+                except (ValueError, KeyError, TypeError):
+                    run.error_codes[f"{status} unshaped"] += 1
     except TimeoutError:
         status, ok = "ClientTimeout", False
     except aiohttp.ClientConnectorError:
