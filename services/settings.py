@@ -68,17 +68,6 @@ class Settings:
     # Worker processes of the entry service (services/api.py). Each parses, validates and forwards
     # requests on its own event loop; max_in_flight applies per worker (load/RESULTS.md).
     api_workers: int = 1
-    # Caption model service. Uploads are checked against the byte and pixel limits before any pixel
-    # is decoded (a decompression bomb is refused from its header); beam and length are per request.
-    caption_model: str = "caption:latest"
-    caption_max_batch_size: int = 32
-    caption_max_latency_ms: int = 2000
-    caption_workers: int = 1
-    caption_threads: int = 1
-    caption_max_image_bytes: int = 8 * 1024 * 1024
-    caption_max_image_pixels: int = 4096 * 4096
-    caption_max_beam_size: int = 8
-    caption_max_length: int = 64
     # Request limits, enforced before any work is queued.
     max_items: int = 64
     max_text_chars: int = 2000
