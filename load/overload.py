@@ -39,7 +39,7 @@ RECOVERY_BOUND_S = 10.0
 
 
 async def overload(url: str, pid: int | None, duration_s: float, factor: float, settle_s: float,
-                   peak: float | None = None) -> dict[str, Any]:
+                   peak: float | None = None, bursts: int = 1) -> dict[str, Any]:
     make = sentiment_requests(seed=1)
     report: dict[str, Any] = {"url": url, "duration_s": duration_s, "factor": factor}
     if peak is None:
@@ -52,21 +52,24 @@ async def overload(url: str, pid: int | None, duration_s: float, factor: float, 
         report["rss_mib_before"] = rss_mib(pid)
     print(f"peak {peak:.1f} req/s; offering {rate:.1f} req/s for {duration_s:g} s", flush=True)
 
-    done = asyncio.Event()
-    run = Run()
-    burst = asyncio.create_task(open_loop(url, rate, duration_s, make, run=run, sending_done=done))
-    await done.wait()
-    ended = time.monotonic()
-    recovery = await time_to_normal(url, sentiment_requests(seed=2), limit_s=60)
-    report["recovery_s"] = recovery
-    report["recovery_measured_from"] = "the last request of the burst was sent"
-    await burst
-    report["drain_s"] = round(time.monotonic() - ended, 2)
-    report["burst"] = run.summary()
-    if pid is not None:
-        report["rss_mib_after"] = rss_mib(pid)
-        await asyncio.sleep(settle_s)
-        report[f"rss_mib_after_{settle_s:g}s"] = rss_mib(pid)
+    for number in range(1, bursts + 1):
+        # A second burst tells a high-water mark (RSS stays where the first left it) from a leak.
+        suffix = "" if number == 1 else f"_{number}"
+        done = asyncio.Event()
+        run = Run()
+        burst = asyncio.create_task(open_loop(url, rate, duration_s, make, run=run, sending_done=done))
+        await done.wait()
+        ended = time.monotonic()
+        recovery = await time_to_normal(url, sentiment_requests(seed=2), limit_s=60)
+        report["recovery_s" + suffix] = recovery
+        report["recovery_measured_from"] = "the last request of the burst was sent"
+        await burst
+        report["drain_s" + suffix] = round(time.monotonic() - ended, 2)
+        report["burst" + suffix] = run.summary()
+        if pid is not None:
+            report["rss_mib_after" + suffix] = rss_mib(pid)
+            await asyncio.sleep(settle_s)
+            report[f"rss_mib_after{suffix}_{settle_s:g}s"] = rss_mib(pid)
 
     statuses = report["burst"]["statuses"]
     bad = {status: count for status, count in statuses.items()
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--peak", type=float, help="skip the peak measurement and use this req/s")
     parser.add_argument("--settle", type=float, default=15.0, help="seconds before the last RSS sample")
+    parser.add_argument("--bursts", type=int, default=1, help="bursts in a row (2 tells a leak from a peak)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(home).start()
         url, pid = server.url, server.process.pid
     try:
-        report = asyncio.run(overload(url, pid, args.duration, args.factor, args.settle, args.peak))
+        report = asyncio.run(overload(url, pid, args.duration, args.factor, args.settle, args.peak,
+                                      args.bursts))
     finally:
         if server is not None:
             server.stop()
