@@ -696,12 +696,17 @@ def guard_dependencies(service: Any) -> Any:
 
     A model service that sheds load (503), times out, restarts after a crash (connection refused or
     reset) or is not loaded surfaces in the entry as a BentoMLException or an aiohttp error; BentoML
-    would answer most of them with a bare 500. Streaming
-    endpoints are left alone: their status is sent before the first event.
+    would answer most of them with a bare 500. A streaming endpoint is guarded until its first
+    event (BentoML sends the status with it); a failure after that ends the stream.
     """
     for method in service.apis.values():
         func = method.func
-        if getattr(func, "__rnnserve_guarded__", False) or not inspect.iscoroutinefunction(func):
+        if getattr(func, "__rnnserve_guarded__", False):
+            continue
+        if inspect.isasyncgenfunction(func):
+            method.func = _guard_stream(func)
+            continue
+        if not inspect.iscoroutinefunction(func):
             continue
 
         def make(func: Any) -> Any:
@@ -722,6 +727,31 @@ def guard_dependencies(service: Any) -> Any:
 
         method.func = make(func)
     return service
+
+
+def _guard_stream(func: Any) -> Any:
+    """A stream whose dependency fails before its first event answers 503, like any endpoint.
+
+    BentoML reads the first event before it sends the status, so only a failure before it can still
+    change the answer; a failure later ends the stream.
+    """
+    @functools.wraps(func)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        started = False
+        try:
+            async for item in func(*args, **kwargs):
+                started = True
+                yield item
+        except Exception as exc:
+            if started or (problem := _dependency_failure(exc)) is None:
+                raise
+            logger.warning("dependency failure in %s: %s: %s", func.__name__, type(exc).__name__,
+                           str(exc)[:200])
+            _record(problem)
+            raise ServiceUnavailable(problem.message) from exc
+
+    guarded.__rnnserve_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
 
 
 # Artifact failures -------------------------------------------------------------------------------

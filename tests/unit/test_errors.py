@@ -328,3 +328,41 @@ def test_deferred_sigterm_runs_the_previous_handler_once_no_entry_is_left():
         assert called.wait(timeout=30)
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_guard_dependencies_turns_dependency_failures_into_503_for_calls_and_streams():
+    import types
+
+    import aiohttp
+
+    from services.errors import guard_dependencies
+
+    async def call(self):
+        raise aiohttp.ServerDisconnectedError()
+
+    async def stream_fails_first(self):
+        raise aiohttp.ClientConnectionError("refused")
+        yield "never"
+
+    async def stream_fails_later(self):
+        yield "first"
+        raise aiohttp.ClientConnectionError("reset")
+
+    async def bug(self):
+        raise KeyError("a bug stays a bug")
+
+    methods = {name: types.SimpleNamespace(func=func) for name, func in
+               [("call", call), ("first", stream_fails_first), ("later", stream_fails_later), ("bug", bug)]}
+    guard_dependencies(types.SimpleNamespace(apis=methods))
+
+    async def drain(gen):
+        return [item async for item in gen]
+
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(methods["call"].func(None))
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(drain(methods["first"].func(None)))
+    with pytest.raises(aiohttp.ClientConnectionError):
+        asyncio.run(drain(methods["later"].func(None)))
+    with pytest.raises(KeyError):
+        asyncio.run(methods["bug"].func(None))
