@@ -27,9 +27,10 @@ class Settings:
     # Length groups (services/batching.py plan_groups): a merged batch is split into at most
     # sentiment_length_groups model calls when that lowers the modelled cost; the cost of a time step
     # and of a call are in padded positions, fitted by load/bench.py (load/RESULTS.md). 1 = off.
+    # Fitted on the BiLSTM: a call costs ~740 padded positions, a step ~40, so only a long tail splits.
     sentiment_length_groups: int = 4
-    sentiment_group_step_tokens: int = 8
-    sentiment_group_call_tokens: int = 256
+    sentiment_group_step_tokens: int = 40
+    sentiment_group_call_tokens: int = 740
     # Forecast model service. It always runs ONE worker: sessions (hidden states) live in that
     # worker's memory. Idle sessions expire after forecast_session_ttl_s; creating one more than
     # forecast_max_sessions answers 429.
