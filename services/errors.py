@@ -203,6 +203,27 @@ def check_value(value: Any, max_depth: int) -> Problem | None:
     return None
 
 
+async def check_multipart(body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> Problem | None:
+    """Refuses a multipart body that does not parse (BentoML's parser error would be a 500)."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream() -> Any:
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(Headers(raw=raw_headers), stream()).parse()
+    except MultiPartException as exc:
+        return Problem(400, "invalid_multipart", f"The multipart/form-data body does not parse: {exc}",
+                       None)
+    except (ValueError, KeyError) as exc:  # no boundary, bad header encoding
+        return Problem(400, "invalid_multipart", f"The multipart/form-data body does not parse: "
+                       f"{type(exc).__name__}.", "Content-Type")
+    await form.close()
+    return None
+
+
 def token_ok(headers: dict[bytes, bytes], token: str) -> bool:
     """True when ``Authorization: Bearer <token>`` or ``X-API-Token: <token>`` matches (constant time).
 
@@ -510,8 +531,11 @@ class GuardMiddleware:
                 await self._refuse(send, self._too_large(limit))
                 return
             content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            problem = check_json(body, self.max_json_depth) if (
-                content_type == b"application/json" and body) else None
+            problem = None
+            if content_type == b"application/json" and body:
+                problem = check_json(body, self.max_json_depth)
+            elif content_type == b"multipart/form-data":
+                problem = await check_multipart(body, scope["headers"])
             if problem is not None:
                 await self._refuse(send, problem)
                 return

@@ -366,3 +366,19 @@ def test_guard_dependencies_turns_dependency_failures_into_503_for_calls_and_str
         asyncio.run(drain(methods["later"].func(None)))
     with pytest.raises(KeyError):
         asyncio.run(methods["bug"].func(None))
+
+
+def test_a_multipart_body_that_does_not_parse_is_a_400():
+    boundary = "d0f43986ca88cfb36206be76e7390e50"
+    bad = f"--{boundary}\r\n370--{boundary}--\r\n".encode()
+    good = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n"
+            f"--{boundary}--\r\n").encode()
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    refused, accepted, no_boundary = run(
+        guard(), {"method": "POST", "url": "/v1/upload", "content": bad, "headers": headers},
+        {"method": "POST", "url": "/v1/upload", "content": good, "headers": headers},
+        {"method": "POST", "url": "/v1/upload", "content": good,
+         "headers": {"content-type": "multipart/form-data"}})
+    assert_shape(refused, 400, "invalid_multipart")
+    assert accepted.status_code == 200
+    assert_shape(no_boundary, 400, "invalid_multipart")
