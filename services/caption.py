@@ -225,6 +225,8 @@ def stream_steps(decoder: Decoder, item: CaptionItem):
     name="caption",
     workers=SETTINGS.caption_workers,
     traffic={"timeout": SETTINGS.timeout_s},
+    # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Caption:
     bento_model = bentoml.models.BentoModel(SETTINGS.caption_model)

@@ -189,6 +189,8 @@ def sse_frame(event: dict) -> str:
     name="translate",
     workers=SETTINGS.translate_workers,
     traffic={"timeout": SETTINGS.timeout_s},
+    # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Translate:
     bento_model = bentoml.models.BentoModel(SETTINGS.translate_model)

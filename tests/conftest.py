@@ -30,6 +30,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def private_home(bentoml_home: Path, port: int) -> Path:
+    """A BENTOML_HOME of its own that shares ``bentoml_home``'s model store.
+
+    ``bentoml serve`` wipes ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so two servers
+    on one home would delete each other's metric files (the first server's histograms vanish from
+    ``/metrics``). Each server therefore gets its own home whose ``models`` links to the shared store.
+    """
+    home = bentoml_home / f"serve-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    models = home / "models"
+    if not models.exists():
+        (bentoml_home / "models").mkdir(parents=True, exist_ok=True)
+        models.symlink_to((bentoml_home / "models").resolve(), target_is_directory=True)
+    return home
+
+
 class Server:
     """A real ``bentoml serve`` process on a free loopback port."""
 
@@ -37,8 +53,9 @@ class Server:
                  target: str = "services.api:Api") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = bentoml_home / f"serve-{self.port}.log"
-        self.env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
+        home = private_home(bentoml_home, self.port)
+        self.log_path = home / "serve.log"
+        self.env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
                     **(env or {})}
         self.target = target
         self.process: subprocess.Popen | None = None

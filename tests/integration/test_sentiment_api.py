@@ -58,7 +58,7 @@ BAD_INPUTS = [
     ("too many tokens", {"text": "ok " * (MAX_TOKENS + 1)}, 400, f"the limit is {MAX_TOKENS}"),
     ("neither field", {}, 400, "exactly one of"),
     ("unknown field", {"text": "a", "language": "en"}, 400, "Extra inputs are not permitted"),
-    ("list body", ["good"], 400, "valid dictionary"),
+    ("list body", ["good"], 400, "Input should be an object"),
 ]
 
 
