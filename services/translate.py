@@ -130,8 +130,13 @@ def translate(model, codec: Codec, items: list[TranslateItem], device: str = "cp
     return results  # type: ignore[return-value]
 
 
+@torch.inference_mode()
 def stream_tokens(model, codec: Codec, text: str, max_length: int, device: str = "cpu") -> Iterator[dict]:
     """Greedy decoding one token at a time; yields ``{"delta": ...}`` events, then one ``done`` event.
+
+    BentoML advances the generator with ``next`` in whichever worker thread is free, and inference
+    mode is thread-local: the decorator (unlike a ``with`` block around the loop) re-enters it on
+    every resumption, so a step never runs outside it.
 
     The deltas concatenate to exactly the final ``translation``. Byte-level subwords can end inside a
     multi-byte character (``ñ`` is two bytes), so a delta is sent only once the decoded prefix is
@@ -145,25 +150,24 @@ def stream_tokens(model, codec: Codec, text: str, max_length: int, device: str =
     sent = ""
     score = 0.0
     steps = 0
-    with torch.inference_mode():
-        src = torch.tensor([source_ids], dtype=torch.long, device=device)
-        lengths = torch.tensor([len(source_ids)], dtype=torch.long, device=device)
-        memory, keys, mask, state = model.encode(src, lengths)
-        previous = torch.tensor([BOS_ID], dtype=torch.long, device=device)
-        while len(ids) < limit:
-            log_probs, state, _ = model.decode_step(previous, state, memory, keys, mask)
-            steps += 1
-            best_score, best = log_probs.max(dim=1)
-            token = int(best)
-            score += float(best_score)
-            if token == EOS_ID:
-                break
-            ids.append(token)
-            previous = best
-            prefix = codec.decode(ids)
-            if prefix.startswith(sent) and not prefix.endswith("\ufffd") and len(prefix) > len(sent):
-                yield {"delta": prefix[len(sent):], "token": token}
-                sent = prefix
+    src = torch.tensor([source_ids], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(source_ids)], dtype=torch.long, device=device)
+    memory, keys, mask, state = model.encode(src, lengths)
+    previous = torch.tensor([BOS_ID], dtype=torch.long, device=device)
+    while len(ids) < limit:
+        log_probs, state, _ = model.decode_step(previous, state, memory, keys, mask)
+        steps += 1
+        best_score, best = log_probs.max(dim=1)
+        token = int(best)
+        score += float(best_score)
+        if token == EOS_ID:
+            break
+        ids.append(token)
+        previous = best
+        prefix = codec.decode(ids)
+        if prefix.startswith(sent) and not prefix.endswith("\ufffd") and len(prefix) > len(sent):
+            yield {"delta": prefix[len(sent):], "token": token}
+            sent = prefix
     seconds = time.perf_counter() - started
     translation = codec.decode(ids)
     if not translation.startswith(sent):  # cannot happen with byte-level BPE; never send wrong text

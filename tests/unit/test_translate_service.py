@@ -126,6 +126,25 @@ def test_stream_assembles_the_same_text_as_the_greedy_call(text, max_length):
     assert done["score"] == pytest.approx(greedy.score, abs=1e-4)
 
 
+def test_stream_survives_being_advanced_from_a_new_thread_at_every_step():
+    # BentoML calls next() on a sync generator in whichever worker thread is free; inference mode is
+    # thread-local, so the stream must not rely on a mode entered in an earlier step's thread.
+    import threading
+
+    model, tokens = scripted_model(), codec()
+    text = max(TEXTS, key=len)
+    generator = stream_tokens(model, tokens, text, MAX_LENGTH)
+    events: list = []
+    while not events or "done" not in events[-1]:
+        box: list = []
+        worker = threading.Thread(target=lambda box=box: box.append(next(generator)))
+        worker.start()
+        worker.join()
+        assert box, "the step raised in its thread (see the thread's traceback above)"
+        events.append(box[0])
+    assert events == list(stream_tokens(model, tokens, text, MAX_LENGTH))
+
+
 def test_the_tiny_model_gives_empty_and_long_outputs_so_the_stream_tests_mean_something():
     results = translate(scripted_model(), codec(), [TranslateItem(text=t, beam_size=1) for t in TEXTS])
     lengths = {r.output_tokens for r in results}
