@@ -61,3 +61,18 @@ def load_artifact(
         module = torch.jit.load(str(model_path), map_location=device, _extra_files=extra_files)
     module.eval()
     return module, json.loads(extra_files[METADATA_FILE])
+
+
+def load_stored_model(stored: Any, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any], Any]:
+    """Loads a model-store entry (``bentoml.models.BentoModel``) checked against its registered sha256.
+
+    Returns:
+        The scripted module, its metadata, and the ``ModelInfo`` every service reports.
+    """
+    from services.schemas.common import ModelInfo
+
+    module, metadata = load_artifact(stored.path, expected_sha256=stored.info.metadata["sha256"],
+                                     device=device)
+    info = ModelInfo(name=stored.tag.name, version=str(stored.tag.version), task=metadata["task"],
+                     cell=metadata["cell"], metrics=metadata.get("metrics", {}))
+    return module, metadata, info

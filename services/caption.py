@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from bentoml.exceptions import BentoMLException
 
-from services.artifacts import load_artifact
+from services.artifacts import load_stored_model
 from services.images import (
     FORMATS,
     PREPROCESS,
@@ -235,14 +235,8 @@ class Caption:
         torch.set_num_threads(SETTINGS.caption_threads)
         device = SETTINGS.torch_device()
         stored = self.bento_model
-        model, self.metadata = load_artifact(
-            stored.path, expected_sha256=stored.info.metadata["sha256"], device=device
-        )
+        model, self.metadata, self.model_info = load_stored_model(stored, device)
         self.decoder = Decoder.from_metadata(model, self.metadata, device)
-        self.model_info = ModelInfo(
-            name=stored.tag.name, version=str(stored.tag.version), task=self.metadata["task"],
-            cell=self.metadata["cell"], metrics=self.metadata.get("metrics", {}),
-        )
         self.spec_info = CaptionSpec(
             image_size=self.decoder.image_size, mean=self.metadata["normalisation"]["mean"],
             std=self.metadata["normalisation"]["std"], preprocess=PREPROCESS, formats=list(FORMATS),

@@ -37,7 +37,7 @@ from bentoml.exceptions import BentoMLException
 from starlette.responses import JSONResponse
 
 from models.forecast import bar_features
-from services.artifacts import load_artifact
+from services.artifacts import load_stored_model
 from services.metrics import (
     FORECAST_SESSION_EXPIRATIONS_TOTAL,
     FORECAST_SESSION_STEPS_TOTAL,
@@ -412,15 +412,8 @@ class Forecast:
         torch.set_num_threads(SETTINGS.forecast_threads)
         self.device = SETTINGS.torch_device()
         stored = self.bento_model
-        self.model, self.metadata = load_artifact(
-            stored.path, expected_sha256=stored.info.metadata["sha256"], device=self.device
-        )
-        version = str(stored.tag.version)
-        self.model_spec = ModelSpec.from_metadata(self.metadata, version)
-        self.model_info = ModelInfo(
-            name=stored.tag.name, version=version, task=self.metadata["task"],
-            cell=self.metadata["cell"], metrics=self.metadata.get("metrics", {}),
-        )
+        self.model, self.metadata, self.model_info = load_stored_model(stored, self.device)
+        self.model_spec = ModelSpec.from_metadata(self.metadata, self.model_info.version)
         self.store = SessionStore(self.model, self.model_spec, SETTINGS.forecast_max_sessions,
                                   SETTINGS.forecast_session_ttl_s, device=self.device)
         self._ready = False

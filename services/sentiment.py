@@ -15,7 +15,7 @@ import torch
 
 import services.bentoml_patches  # noqa: F401 - per-request overhead removed (load/RESULTS.md)
 from models.text import Vocab
-from services.artifacts import load_artifact
+from services.artifacts import load_stored_model
 from services.batching import LengthGrouping, collate, run_in_groups, split
 from services.metrics import INFERENCE_SECONDS
 from services.schemas.common import ModelInfo
@@ -96,16 +96,10 @@ class Sentiment:
         torch.set_num_threads(SETTINGS.sentiment_threads)
         self.device = SETTINGS.torch_device()
         stored = self.bento_model
-        self.model, self.metadata = load_artifact(
-            stored.path, expected_sha256=stored.info.metadata["sha256"], device=self.device
-        )
+        self.model, self.metadata, self.model_info = load_stored_model(stored, self.device)
         self.vocab = Vocab(self.metadata["vocab"])
         self.labels = list(self.metadata["labels"])
         self.grouping = grouping_from_settings()
-        self.model_info = ModelInfo(
-            name=stored.tag.name, version=str(stored.tag.version), task=self.metadata["task"],
-            cell=self.metadata["cell"], metrics=self.metadata.get("metrics", {}),
-        )
         self._ready = False
         self._warm_up()
 

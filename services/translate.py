@@ -21,7 +21,7 @@ import bentoml
 import torch
 from tokenizers import Tokenizer
 
-from services.artifacts import load_artifact
+from services.artifacts import load_stored_model
 from services.batching import collate, split
 from services.metrics import (
     INFERENCE_SECONDS,
@@ -203,17 +203,11 @@ class Translate:
         torch.set_num_threads(SETTINGS.translate_threads)
         self.device = SETTINGS.torch_device()
         stored = self.bento_model
-        self.model, self.metadata = load_artifact(
-            stored.path, expected_sha256=stored.info.metadata["sha256"], device=self.device
-        )
+        self.model, self.metadata, self.model_info = load_stored_model(stored, self.device)
         self.codec = Codec(self.metadata)
         if int(self.metadata["max_output_length"]) < MAX_LENGTH:
             logger.warning("artifact caps output at %s tokens, below RNNSERVE_TRANSLATE_MAX_LENGTH=%s",
                            self.metadata["max_output_length"], MAX_LENGTH)
-        self.model_info = ModelInfo(
-            name=stored.tag.name, version=str(stored.tag.version), task=self.metadata["task"],
-            cell=self.metadata["cell"], metrics=self.metadata.get("metrics", {}),
-        )
         self._ready = False
         self._warm_up()
 
