@@ -609,15 +609,7 @@ class GuardMiddleware:
     # Documents and probes ------------------------------------------------------------------------
 
     async def _docs(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
+        start, chunks, capture = _response_capture()
         await self.app(scope, receive, capture)
         status = start.get("status", 500)
         if status != 200:
@@ -631,15 +623,7 @@ class GuardMiddleware:
         await self._send_json(send, 200, spec)
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
+        start, chunks, capture = _response_capture()
         try:
             await self.app(scope, receive, capture)
         except Exception as exc:  # BentoML's probe raises when a dependency refuses connections
@@ -657,6 +641,20 @@ class GuardMiddleware:
                    "starting.")
         detail = [{"service": name, "ready": ready} for name, ready in readiness.items()]
         await self._send_json(send, 503, error_payload("not_ready", message, None, detail))
+
+
+def _response_capture() -> tuple[dict[str, Any], list[bytes], Send]:
+    """A ``send`` that keeps the response start message and body chunks instead of sending them."""
+    start: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def capture(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    return start, chunks, capture
 
 
 def _replay(body: bytes, messages: list[Message], receive: Receive) -> Receive:
