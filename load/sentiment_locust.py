@@ -8,6 +8,8 @@ from pathlib import Path
 
 from locust import FastHttpUser, between, tag, task
 
+from load.checks import check_results
+
 DEV = Path(__file__).resolve().parent.parent / "training" / "data" / "sst2" / "glue_dev.tsv"
 
 
@@ -42,13 +44,6 @@ class SentimentUser(FastHttpUser):
 
 
 def check(response, expected: int) -> None:
-    if response.status_code != 200:
-        response.failure(f"status {response.status_code}: {response.text[:200]}")
-        return
-    results = response.json().get("results", [])
-    if len(results) != expected:
-        response.failure(f"{len(results)} results for {expected} texts")
-    elif any(r["label"] not in ("negative", "positive") or not 0.5 <= r["score"] <= 1 for r in results):
-        response.failure(f"malformed result: {results[0]}")
-    else:
-        response.success()
+    check_results(response, expected,
+                  lambda r: r["label"] in ("negative", "positive") and 0.5 <= r["score"] <= 1,
+                  "malformed result")

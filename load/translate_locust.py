@@ -8,6 +8,7 @@ import random
 
 from locust import FastHttpUser, between, tag, task
 
+from load.checks import check_results
 from training.train_translate import TrainTranslateConfig, read_pairs, split_of
 
 _CONFIG = TrainTranslateConfig()
@@ -63,13 +64,4 @@ class TranslateUser(FastHttpUser):
 
 
 def check(response, expected: int) -> None:
-    if response.status_code != 200:
-        response.failure(f"status {response.status_code}: {response.text[:200]}")
-        return
-    results = response.json().get("results", [])
-    if len(results) != expected:
-        response.failure(f"{len(results)} results for {expected} texts")
-    elif any(not r["translation"].strip() for r in results):
-        response.failure(f"empty translation: {results[0]}")
-    else:
-        response.success()
+    check_results(response, expected, lambda r: bool(r["translation"].strip()), "empty translation")
