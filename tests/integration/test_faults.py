@@ -92,10 +92,12 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_nothing_answers_500(degra
     statuses = report["whole_run"]["statuses"]
     assert "500" not in statuses and "ClientTimeout" not in statuses, statuses
     # Every answer is a 200 or a 503 with Retry-After. A request whose connection breaks as the worker
-    # dies can instead surface as a client-side disconnect (seen once in 200 requests in one CI run);
-    # it must stay rare, and nothing may answer 500 or hang.
-    assert set(statuses) - {"200", "503"} <= {"ServerDisconnectedError"}, statuses
-    assert statuses.get("ServerDisconnectedError", 0) <= 2, statuses
+    # dies can instead surface as a client-side connection error (aiohttp's ServerDisconnectedError or
+    # ClientOSError, each seen once in 200 requests in a CI run); it must stay rare, and nothing may
+    # answer 500 or hang.
+    connection_errors = {"ServerDisconnectedError", "ClientOSError"}
+    assert set(statuses) - {"200", "503"} <= connection_errors, statuses
+    assert sum(statuses.get(name, 0) for name in connection_errors) <= 2, statuses
     assert report["whole_run"]["retryable_without_retry_after"] == 0
 
 
