@@ -45,6 +45,7 @@ def fit(
     patience: int = 3,
     max_steps: int | None = None,
     max_seconds: float | None = None,
+    lr_schedule: str = "constant",
     desc: str = "train",
 ) -> FitResult:
     """Trains ``model`` in place and leaves it holding the weights of the best epoch.
@@ -61,13 +62,22 @@ def fit(
         max_steps: stop after this many optimizer steps in total (``--dry-run`` uses 1).
         max_seconds: wall-clock budget; no new epoch starts once it is spent (the caller's batch
             iterable may also stop mid-epoch at the same deadline).
+        lr_schedule: ``constant``, or ``cosine``: the learning rate follows half a cosine from
+            ``lr`` down to ``lr / 50`` over ``epochs``, stepped once per epoch (Loshchilov &
+            Hutter 2017, without restarts), so the last epochs settle instead of oscillating.
     """
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - 1, 1),
+                                                            eta_min=lr / 50)
+                 if lr_schedule == "cosine" else None)
     best_score, best_state, best_metrics, best_epoch = -math.inf, None, {}, -1
     history: list[dict[str, Any]] = []
     steps, stale, started = 0, 0, time.perf_counter()
     for epoch in range(epochs):
         model.train()
+        epoch_lr = optimizer.param_groups[0]["lr"]
         grad_norms: list[float] = []
         losses: list[float] = []
         progress = tqdm(train_batches(epoch), desc=f"{desc} epoch {epoch}", leave=False,
@@ -94,6 +104,7 @@ def fit(
             "grad_norm_mean": float(np.mean(grad_norms)),
             "grad_norm_max": float(np.max(grad_norms)),
             "clipped_fraction": float(np.mean([g > (clip_grad_norm or math.inf) for g in grad_norms])),
+            "lr": epoch_lr,
             "seconds": time.perf_counter() - started,
             **metrics,
         }
@@ -106,6 +117,8 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
+        if scheduler is not None:
+            scheduler.step()
         if stale >= patience or (max_steps is not None and steps >= max_steps):
             break
         if max_seconds is not None and time.perf_counter() - started >= max_seconds:

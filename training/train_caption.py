@@ -4,6 +4,7 @@
     python -m training.train_caption --cell lstm --attention false
     python -m training.train_caption --data coco --out-dir /tmp/caption_coco --register false
     python -m training.train_caption --dry-run --out-dir /tmp/caption_dry --register false
+    python -m training.train_caption --init-from models/artifacts/caption --lr 0.001   # continue
 
 ``--data scenes`` (default) draws the procedural scenes of ``training/scenes.py``; ``--data coco``
 reads a COCO-format ``captions.json`` and image folder (the shipped 51 photos are a smoke test of
@@ -66,6 +67,9 @@ class TrainCaptionConfig:
     weight_decay: float = 0.01
     clip_grad_norm: float = 1.0
     patience: int = 2
+    lr_schedule: str = "constant"  # constant | cosine (decays to lr / 50 by the last epoch)
+    max_minutes: float = 0.0  # wall-clock budget for training; 0 = none
+    init_from: str = ""  # an exported caption artifact to continue from (same vocabulary and sizes)
     eval_beam_size: int = 3
     seed: int = 1234
     threads: int = 1
@@ -237,9 +241,19 @@ def main(argv: list[str] | None = None) -> dict:
                             *scene_gen.POSITIONS, "a and ,"])
         words = sorted(set(words) | set(tokenize(grammar)))
     vocab = Vocab(caption_vocab(words))
-    scaled = train.pixels.reshape(-1, 3) / 255.0
-    mean = [round(float(v), 4) for v in scaled.mean(axis=0)]
-    std = [round(float(v), 4) for v in scaled.std(axis=0)]
+    previous = previous_meta = None
+    if config.init_from:
+        from services.artifacts import load_artifact
+
+        previous, previous_meta = load_artifact(config.init_from)
+        if previous_meta["vocab"] != vocab.itos:
+            raise ValueError(f"{config.init_from} has another vocabulary; use the same data")
+    if previous_meta is not None:  # keep the input scale the weights were trained on
+        mean, std = previous_meta["normalisation"]["mean"], previous_meta["normalisation"]["std"]
+    else:
+        scaled = train.pixels.reshape(-1, 3) / 255.0
+        mean = [round(float(v), 4) for v in scaled.mean(axis=0)]
+        std = [round(float(v), 4) for v in scaled.std(axis=0)]
     image_size = int(train.pixels.shape[1])
     longest = max(len(vocab.encode(c)) + 1 for refs in train.references for c in refs)
     print(f"vocab {len(vocab)}, longest caption {longest} tokens with <eos>, mean {mean}, std {std}",
@@ -252,6 +266,16 @@ def main(argv: list[str] | None = None) -> dict:
         attention_size=config.attention_size, dropout=config.dropout,
     )
     model = Captioner(model_config)
+    if previous is not None:
+        if previous_meta["model_config"] != json.loads(json.dumps(model_config.to_dict())):
+            raise ValueError(f"{config.init_from} has model config {previous_meta['model_config']}, "
+                             f"not {model_config.to_dict()}")
+        # TorchScript's state_dict also lists the non-persistent buffers (fixed coordinates and
+        # masks the model rebuilds itself); load exactly the keys the eager model saves.
+        wanted = model.state_dict().keys()
+        model.load_state_dict({k: v for k, v in previous.state_dict().items() if k in wanted})
+        print(f"initialised from {config.init_from} "
+              f"({previous_meta['metrics'].get('train_seconds', '?')} s trained before)", flush=True)
     rng = np.random.default_rng(config.seed)
     val = splits["val"]
     val_batches = make_batches(val, vocab, mean, std, 256, rng=None)
@@ -279,13 +303,16 @@ def main(argv: list[str] | None = None) -> dict:
         model, loss_fn, lambda epoch: make_batches(train, vocab, mean, std, config.batch_size, rng),
         evaluate, select=select, maximize=maximize, epochs=config.epochs, lr=config.lr,
         weight_decay=config.weight_decay, clip_grad_norm=config.clip_grad_norm,
-        patience=config.patience, max_steps=1 if config.dry_run else None, desc="caption",
+        patience=config.patience, max_steps=1 if config.dry_run else None,
+        max_seconds=config.max_minutes * 60.0 or None, lr_schedule=config.lr_schedule, desc="caption",
     )
     print(f"best epoch {result.best_epoch}: {result.best_metrics}, {result.seconds:.0f} s", flush=True)
 
     test_names = [name for name in splits if name.startswith("test")]
     metrics: dict = {**result.best_metrics, "best_epoch": result.best_epoch,
                      "train_seconds": round(result.seconds, 1)}
+    if previous_meta is not None:
+        metrics["train_seconds_before"] = previous_meta["metrics"].get("train_seconds")
     predictions: dict[str, list[str]] = {}
     for name in test_names:
         predictions[name] = decode(model, splits[name], vocab, mean, std, config.max_length)
