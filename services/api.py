@@ -1,7 +1,10 @@
 """The entry service: every public endpoint under one port and one OpenAPI document.
 
-Each model runs in its own BentoML service with its own workers, batching and readiness; this service
-validates requests, forwards them with ``bentoml.depends``, and shapes the responses.
+The short, stateless models (sentiment, forecast windows) run inside each entry worker, batched by
+BentoML's adaptive batcher there (services/inprocess.py): a second HTTP hop cost more than the model.
+The generative models (caption, translate) and the stateful forecast sessions run in their own
+BentoML services with their own workers, batching and readiness; this service validates requests,
+forwards them with ``bentoml.depends``, and shapes the responses.
 
     bentoml serve services.api:Api
 """
@@ -12,6 +15,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import bentoml
+import torch
 from bentoml.exceptions import InvalidArgument
 
 from services.caption import Caption, caption_response, prepare_item, read_upload
@@ -21,8 +25,9 @@ from services.errors import (
     stop_dependencies_after_entry,
     tolerate_load_failures,
 )
-from services.forecast import Forecast, session_answer, window_response
+from services.forecast import Forecast, WindowModel, session_answer, window_response
 from services.http import JsonOnlyMiddleware
+from services.inprocess import Batcher, InProcessModel
 from services.metrics import FORECAST_REQUESTS_TOTAL
 from services.schemas.caption import (
     BeamSize,
@@ -48,22 +53,44 @@ from services.schemas.forecast import (
 )
 from services.schemas.sentiment import SentimentRequest, SentimentResponse
 from services.schemas.translate import TranslateRequest, TranslateResponse, TranslateStreamRequest
-from services.sentiment import Sentiment
+from services.sentiment import SentimentModel
 from services.settings import SETTINGS
 from services.translate import Translate
 
 
-@bentoml.service(name="rnnserve", workers=SETTINGS.api_workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="rnnserve", workers=SETTINGS.api_workers, traffic={"timeout": SETTINGS.timeout_s},
+                  **SETTINGS.observability(access_log=True))
 class Api:
-    sentiment = bentoml.depends(Sentiment)
+    # Run in this worker (services/inprocess.py): checksum-verified from the model store by tag.
+    sentiment_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
+    forecast_model = bentoml.models.BentoModel(SETTINGS.forecast_model)
+    # Own services: sessions (one process holds them), captioning and translation.
     forecast = bentoml.depends(Forecast)
     caption = bentoml.depends(Caption)
     translate = bentoml.depends(Translate)
 
     def __init__(self) -> None:
+        torch.set_num_threads(SETTINGS.api_threads)
+        device = SETTINGS.torch_device()
+        batching = SETTINGS.batching == "on"
+        self.sentiment = InProcessModel("sentiment", lambda: SentimentModel(self.sentiment_model, device))
+        self.windows = InProcessModel("forecast", lambda: WindowModel(self.forecast_model, device))
+        largest = max(SETTINGS.sentiment_max_batch_size, SETTINGS.forecast_max_batch_size)
+        self.sentiment_batcher = Batcher(
+            "sentiment", lambda texts: self.sentiment.get().classify(texts), method_name="classify",
+            max_batch_size=SETTINGS.sentiment_max_batch_size,
+            max_latency_ms=SETTINGS.sentiment_max_latency_ms, batching=batching,
+            histogram_max_batch_size=largest)
+        self.forecast_batcher = Batcher(
+            "forecast", lambda requests: self.windows.get().forecast(requests), method_name="forecast",
+            max_batch_size=SETTINGS.forecast_max_batch_size,
+            max_latency_ms=SETTINGS.forecast_max_latency_ms, batching=batching,
+            histogram_max_batch_size=largest)
         self._model_info: dict[str, ModelInfo] = {}
-        self._forecast_spec: ForecastSpec | None = None
         self._caption_spec: CaptionSpec | None = None
+
+    def __is_ready__(self) -> bool:
+        return self.sentiment.ready and self.windows.ready
 
     async def _info(self, name: str, service) -> ModelInfo:
         if name not in self._model_info:
@@ -74,14 +101,9 @@ class Api:
     @bentoml.api(route="/v1/sentiment")
     async def classify_sentiment(self, request: SentimentRequest, /) -> SentimentResponse:
         """Classifies one text or a list of texts as negative or positive."""
-        results = await self.sentiment.to_async.classify(request.items())
-        return SentimentResponse(model=await self._info("sentiment", self.sentiment), results=results)
-
-    async def _spec(self) -> ForecastSpec:
-        if self._forecast_spec is None:
-            spec = await self.forecast.to_async.spec()
-            self._forecast_spec = ForecastSpec.model_validate(spec, from_attributes=True)
-        return self._forecast_spec
+        model = self.sentiment.get()
+        results = await self.sentiment_batcher(request.items())
+        return SentimentResponse(model=model.model_info, results=results)
 
     @bentoml.api(route="/v1/forecast")
     async def forecast_prices(self, request: ForecastRequest, /) -> ForecastResponse:
@@ -89,20 +111,21 @@ class Api:
 
         Research/demo output: no trading advice.
         """
-        spec = await self._spec()
+        windows = self.windows.get()
+        spec = windows.spec()
         try:
             check_forecast(request, spec)
         except ValueError as exc:
             FORECAST_REQUESTS_TOTAL.labels("forecast", "invalid").inc()
             raise InvalidArgument(str(exc)) from exc
-        [result] = await self.forecast.to_async.forecast([request])
+        [result] = await self.forecast_batcher([request])
         FORECAST_REQUESTS_TOTAL.labels("forecast", "ok").inc()
-        return window_response(request, result, spec, await self._info("forecast", self.forecast))
+        return window_response(request, result, spec, windows.model_info)
 
     @bentoml.api(route="/v1/forecast/spec")
     async def forecast_spec(self) -> ForecastSpec:
         """Rows the forecast model needs, its horizons and quantiles, and the session limits."""
-        return await self._spec()
+        return self.windows.get().spec()
 
     @bentoml.api(route="/v1/forecast/sessions")
     async def create_forecast_session(self, request: SessionCreateRequest, /) -> SessionInfo:
@@ -199,8 +222,8 @@ class Api:
     @bentoml.api(route="/v1/models")
     async def models(self) -> list[ModelInfo]:
         """Every model this server answers with: name, version, cell and held-out metrics."""
-        return [await self._info("sentiment", self.sentiment),
-                await self._info("forecast", self.forecast),
+        return [self.sentiment.get().model_info,
+                self.windows.get().model_info,
                 await self._info("caption", self.caption),
                 await self._info("translate", self.translate)]
 

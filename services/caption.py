@@ -227,6 +227,9 @@ def stream_steps(decoder: Decoder, item: CaptionItem):
     traffic={"timeout": SETTINGS.timeout_s},
     # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
+    # Callers reach this service through the entry, which logs every public request: no second
+    # access log line per request here; tracing per RNNSERVE_TRACING (services/settings.py).
+    **SETTINGS.observability(),
 )
 class Caption:
     bento_model = bentoml.models.BentoModel(SETTINGS.caption_model)

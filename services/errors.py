@@ -674,9 +674,13 @@ def _replay(body: bytes, messages: list[Message], receive: Receive) -> Receive:
 
 
 async def dependency_readiness(service: Any, timeout_s: float = 2.0) -> dict[str, bool]:
-    """Each dependency (model service) of ``service`` -> whether its /readyz answers 200."""
+    """Each model this worker runs (services/inprocess.py) -> whether it loaded, and each dependency
+    (model service) of ``service`` -> whether its /readyz answers 200."""
+    from services.inprocess import REGISTRY
+
+    local = {name: model.ready for name, model in REGISTRY.items()}
     if service is None:
-        return {}
+        return local
     names, checks = [], []
     for name, dependency in service.dependencies.items():
         proxy = dependency._resolved  # the client the running service already uses, if any
@@ -684,7 +688,7 @@ async def dependency_readiness(service: Any, timeout_s: float = 2.0) -> dict[str
             continue
         names.append(dependency.on.name if dependency.on is not None else name)
         checks.append(_is_ready(proxy, timeout_s))
-    return dict(zip(names, await asyncio.gather(*checks), strict=True))
+    return {**local, **dict(zip(names, await asyncio.gather(*checks), strict=True))}
 
 
 async def _is_ready(proxy: Any, timeout_s: float) -> bool:

@@ -2,7 +2,9 @@
 
 Windowed forecasts (many-to-one head): every request's last ``window + 1`` rows become a (L, F)
 feature window; concurrent requests are stacked into one (B, L, F) batch (all windows have the same
-length, so there is no padding) and run in one forward pass.
+length, so there is no padding) and run in one forward pass. ``WindowModel`` holds that path; the
+entry service runs one in each of its workers (services/inprocess.py), so public windowed forecasts
+never cross a second HTTP hop.
 
 Sessions (many-to-many head): the server keeps each session's hidden state, so a client streaming one
 new bar pays one RNN step instead of resending and recomputing a window. Steps of many sessions that
@@ -394,6 +396,38 @@ class SessionStore:
             FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "ok").inc()
 
 
+def warm_up_rows(spec: ModelSpec) -> list[Bar]:
+    """A plausible window of daily bars, for warming up."""
+    day = dt.date(2024, 1, 1)
+    return [Bar(date=day + dt.timedelta(days=i), open=100.0, high=101.0 + i % 3, low=99.0,
+                close=100.0 + i % 5, volume=1e6 + i) for i in range(spec.window + 2)]
+
+
+class WindowModel:
+    """The forecast artifact for stateless windows, loaded and warmed up at batch 1 and full batch.
+
+    The entry service runs one in each worker (services/inprocess.py); ``Forecast`` below also holds
+    one, for its sessions and for serving windows alone.
+    """
+
+    def __init__(self, stored, device: str) -> None:
+        self.device = device
+        self.model, self.metadata, self.model_info = load_stored_model(stored, device)
+        self.model_spec = ModelSpec.from_metadata(self.metadata, self.model_info.version)
+        started = time.perf_counter()
+        request = ForecastRequest(rows=warm_up_rows(self.model_spec))
+        for batch_size in (1, SETTINGS.forecast_max_batch_size):
+            self.forecast([request] * batch_size)
+        logger.info("forecast windows %s warmed up on %s in %.2f s", self.model_spec.version, device,
+                    time.perf_counter() - started)
+
+    def forecast(self, requests: list[ForecastRequest]) -> list[WindowResult]:
+        return forecast_windows(self.model, self.model_spec, requests, self.device)
+
+    def spec(self) -> ForecastSpec:
+        return self.model_spec.public(SETTINGS.forecast_max_sessions, SETTINGS.forecast_session_ttl_s)
+
+
 @bentoml.service(
     name="forecast",
     # Exactly one worker: sessions are this process's memory (see the module docstring).
@@ -404,6 +438,9 @@ class SessionStore:
     # in flight on it; under concurrent load those fail with ServerDisconnectedError, i.e. a 500
     # (bentoml/BentoML#5540, #5698). Calls go over a local socket, so never recycling is safe.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
+    # Callers reach this service through the entry, which logs every public request: no second
+    # access log line per request here; tracing per RNNSERVE_TRACING (services/settings.py).
+    **SETTINGS.observability(),
 )
 class Forecast:
     bento_model = bentoml.models.BentoModel(SETTINGS.forecast_model)
@@ -411,34 +448,28 @@ class Forecast:
     def __init__(self) -> None:
         torch.set_num_threads(SETTINGS.forecast_threads)
         self.device = SETTINGS.torch_device()
-        stored = self.bento_model
-        self.model, self.metadata, self.model_info = load_stored_model(stored, self.device)
-        self.model_spec = ModelSpec.from_metadata(self.metadata, self.model_info.version)
+        self.windows = WindowModel(self.bento_model, self.device)
+        self.model, self.model_spec, self.model_info = (self.windows.model, self.windows.model_spec,
+                                                        self.windows.model_info)
         self.store = SessionStore(self.model, self.model_spec, SETTINGS.forecast_max_sessions,
                                   SETTINGS.forecast_session_ttl_s, device=self.device)
         self._ready = False
-        self._warm_up()
+        self._warm_up_sessions()
         self._stop = threading.Event()
         threading.Thread(target=self._expire_loop, name="forecast-session-ttl", daemon=True).start()
 
-    def _warm_up(self) -> None:
-        """Runs windows at batch 1 and the full batch, and a session round trip, before ready."""
+    def _warm_up_sessions(self) -> None:
+        """A warm-up sequence and batched steps straight on the model (no store, so no session
+        metrics move) before ready; windows warmed up in ``WindowModel``."""
         started = time.perf_counter()
-        day = dt.date(2024, 1, 1)
-        rows = [Bar(date=day + dt.timedelta(days=i), open=100.0, high=101.0 + i % 3, low=99.0,
-                    close=100.0 + i % 5, volume=1e6 + i) for i in range(self.model_spec.window + 2)]
-        request = ForecastRequest(rows=rows)
-        for batch_size in (1, SETTINGS.forecast_max_batch_size):
-            forecast_windows(self.model, self.model_spec, [request] * batch_size, self.device)
-        # Sessions: a warm-up sequence and batched steps, straight on the model (no store, so no
-        # session metrics move).
+        rows = warm_up_rows(self.model_spec)
         with torch.inference_mode():
             x = torch.tensor([row_features(rows)], dtype=torch.float32, device=self.device)
             _, state = self.model.sequence(x, self.model.initial_state(1))
             for batch_size in (1, SETTINGS.forecast_max_batch_size):
                 self.model.step(x[:, -1].expand(batch_size, -1), state.expand(-1, batch_size, -1))
         self._ready = True
-        logger.info("forecast %s warmed up on %s in %.2f s", self.model_spec.version, self.device,
+        logger.info("forecast sessions %s warmed up on %s in %.2f s", self.model_spec.version, self.device,
                     time.perf_counter() - started)
 
     def _expire_loop(self) -> None:
@@ -456,7 +487,7 @@ class Forecast:
         max_latency_ms=SETTINGS.forecast_max_latency_ms,
     )
     def forecast(self, requests: list[ForecastRequest]) -> list[WindowResult]:
-        return forecast_windows(self.model, self.model_spec, requests, self.device)
+        return self.windows.forecast(requests)
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only for load/bench.py
@@ -488,7 +519,7 @@ class Forecast:
 
     @bentoml.api
     def spec(self) -> ForecastSpec:
-        return self.model_spec.public(SETTINGS.forecast_max_sessions, SETTINGS.forecast_session_ttl_s)
+        return self.windows.spec()
 
     @bentoml.api
     def info(self) -> ModelInfo:

@@ -1,8 +1,9 @@
 """Sentiment model service: batched, length-sorted, packed inference on one artifact.
 
 The endpoint is a thin chain of pure helpers, ``encode -> collate -> predict -> split``, each testable
-without a server. Public traffic arrives through the entry service (``services/api.py``), which
-validates requests; concurrent calls are merged here by BentoML's adaptive batcher.
+without a server. ``SentimentModel`` holds the loaded artifact; the entry service (``services/api.py``)
+runs one in each of its workers and merges concurrent requests with BentoML's adaptive batcher there
+(``services/inprocess.py``), and ``Sentiment`` serves it alone as a BentoML service.
 """
 
 from __future__ import annotations
@@ -79,28 +80,19 @@ def grouping_from_settings() -> LengthGrouping:
                           SETTINGS.sentiment_group_call_tokens)
 
 
-@bentoml.service(
-    name="sentiment",
-    workers=SETTINGS.sentiment_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
-    # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
-    # Callers reach this service through the entry, which logs every public request; a second access
-    # log line per request here cost CPU on the hot path (load/RESULTS.md) and told nothing new.
-    logging={"access": {"enabled": False}},
-)
-class Sentiment:
-    bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
+class SentimentModel:
+    """The loaded, warmed-up sentiment artifact and its batched path.
 
-    def __init__(self) -> None:
-        torch.set_num_threads(SETTINGS.sentiment_threads)
-        self.device = SETTINGS.torch_device()
-        stored = self.bento_model
-        self.model, self.metadata, self.model_info = load_stored_model(stored, self.device)
+    The entry service runs one in each worker (services/inprocess.py); ``Sentiment`` below serves it
+    alone as a BentoML service.
+    """
+
+    def __init__(self, stored, device: str) -> None:
+        self.device = device
+        self.model, self.metadata, self.model_info = load_stored_model(stored, device)
         self.vocab = Vocab(self.metadata["vocab"])
         self.labels = list(self.metadata["labels"])
         self.grouping = grouping_from_settings()
-        self._ready = False
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -111,9 +103,32 @@ class Sentiment:
             text = " ".join([word] * length)
             for batch_size in (1, SETTINGS.sentiment_max_batch_size):
                 classify(self.model, self.vocab, self.labels, [text] * batch_size, self.device)
-        self._ready = True
         logger.info("sentiment %s warmed up on %s in %.2f s", self.model_info.version,
                     self.device, time.perf_counter() - started)
+
+    def classify(self, texts: list[str]) -> list[SentimentResult]:
+        return classify(self.model, self.vocab, self.labels, texts, self.device, self.grouping)
+
+
+@bentoml.service(
+    name="sentiment",
+    workers=SETTINGS.sentiment_workers,
+    traffic={"timeout": SETTINGS.timeout_s},
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},  # bentoml/BentoML#5540
+    **SETTINGS.observability(),
+)
+class Sentiment:
+    """The sentiment model alone, as its own BentoML service (``bentoml serve
+    services.sentiment:Sentiment``): a batchable ``/classify`` for a dedicated deployment. The public
+    API (services/api.py) runs the same ``SentimentModel`` inside its own workers instead."""
+
+    bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
+
+    def __init__(self) -> None:
+        torch.set_num_threads(SETTINGS.sentiment_threads)
+        self.runner = SentimentModel(self.bento_model, SETTINGS.torch_device())
+        self.model_info = self.runner.model_info
+        self._ready = True
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -124,7 +139,7 @@ class Sentiment:
         max_latency_ms=SETTINGS.sentiment_max_latency_ms,
     )
     def classify(self, texts: list[str]) -> list[SentimentResult]:
-        return classify(self.model, self.vocab, self.labels, texts, self.device, self.grouping)
+        return self.runner.classify(texts)
 
     @bentoml.api
     def info(self) -> ModelInfo:

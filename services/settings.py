@@ -66,9 +66,21 @@ class Settings:
     # calls the model with its own items. Only for measuring what batching buys (load/bench.py):
     # BentoML needs max_batch_size >= 2, so a batch size of 1 cannot express "off".
     batching: str = "on"
-    # Worker processes of the entry service (services/api.py). Each parses, validates and forwards
-    # requests on its own event loop; max_in_flight applies per worker (load/RESULTS.md).
-    api_workers: int = 1
+    # OpenTelemetry tracing of requests (BentoML's ASGI middleware, every service). "off" excludes every
+    # URL from it: creating a span per request was 0.54 ms of the 1.52 ms an empty BentoML endpoint
+    # costs (load/RESULTS.md), on each hop. "on" traces as BentoML's own config says (exporter,
+    # sample rate: BENTOML_CONFIG). access_log: the entry's one line per request (model services
+    # never log their internal calls).
+    tracing: str = "off"
+    access_log: str = "on"
+    # Worker processes of the entry service (services/api.py). Each parses and validates requests on
+    # its own event loop, runs its own copy of the sentiment and forecast-window models with its own
+    # batcher, and forwards the rest; max_in_flight applies per worker (load/RESULTS.md).
+    # Two: one per core of the reference 2-core machine; one worker peaked at 810 req/s on sentiment,
+    # two at 1,467 (load/RESULTS.md).
+    api_workers: int = 2
+    # Torch intra-op threads of each entry worker, which runs the sentiment and forecast-window models.
+    api_threads: int = 1
     # Request limits, enforced before any work is queued.
     max_items: int = 64
     max_text_chars: int = 2000
@@ -81,7 +93,7 @@ class Settings:
     # in api_token_paths (the state-changing session endpoints) need "Authorization: Bearer <token>".
     max_body_bytes: int = 1 << 20
     max_json_depth: int = 32
-    max_in_flight: int = 128
+    max_in_flight: int = 256
     retry_after_s: int = 1
     api_token: str = ""
     api_token_paths: str = "/v1/forecast/sessions"
@@ -89,8 +101,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"{PREFIX}DEVICE must be cpu, cuda or auto, got {self.device!r}")
-        if self.batching not in ("on", "off"):
-            raise ValueError(f"{PREFIX}BATCHING must be on or off, got {self.batching!r}")
+        for switch in ("batching", "tracing", "access_log"):
+            if getattr(self, switch) not in ("on", "off"):
+                raise ValueError(f"{PREFIX}{switch.upper()} must be on or off, got {getattr(self, switch)!r}")
         for field in fields(self):
             value = getattr(self, field.name)
             if isinstance(value, int) and value < 1:
@@ -115,6 +128,13 @@ class Settings:
             except ValueError as exc:
                 raise ValueError(f"{PREFIX}{field.name.upper()} must be an integer, got {raw!r}") from exc
         return cls(**values)
+
+    def observability(self, access_log: bool = False) -> dict:
+        """BentoML service config for tracing and access logging (``@bentoml.service(**...)``)."""
+        config: dict = {"logging": {"access": {"enabled": access_log and self.access_log == "on"}}}
+        if self.tracing == "off":
+            config["tracing"] = {"excluded_urls": ".*"}  # a regex: matches every URL
+        return config
 
     def torch_device(self) -> str:
         if self.device != "auto":

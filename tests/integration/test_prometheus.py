@@ -136,10 +136,12 @@ def test_prometheus_scrapes_requests_and_batch_sizes(prometheus: Prometheus, cli
     assert value(rejected[0]) >= 1
 
     batches = prometheus.wait_for(
-        f'sum by (service_name) '
+        f'sum by (runner_name, service_name) '
         f'(bentoml_service_adaptive_batch_size_count{{job="{JOB}", method_name="classify"}})',
         lambda r: r and value(r[0]) >= 1)
-    assert batches[0]["metric"]["service_name"] == "sentiment"
+    # The entry worker (service rnnserve) batches the sentiment model itself (services/inprocess.py).
+    assert batches[0]["metric"]["runner_name"] == "sentiment"
+    assert batches[0]["metric"]["service_name"] == "rnnserve"
     # Requests merged into batches: the histogram's sum counts requests, its count counts batches.
     items = prometheus.query(
         f'sum(bentoml_service_adaptive_batch_size_sum{{job="{JOB}", method_name="classify"}})')
