@@ -1,6 +1,6 @@
 """Faults: a worker killed with SIGKILL under load, a damaged artifact, SIGTERM with requests in flight.
 
-    python -m load.faults kill [--service sentiment] [--rate 20] [--duration 60] [--kill-at 10]
+    python -m load.faults kill [--service translate|rnnserve] [--rate 20] [--duration 60] [--kill-at 10]
     python -m load.faults artifact [--model forecast] [--damage truncated|tampered|missing]
     python -m load.faults sigterm [--requests 16]
     python -m load.faults all
@@ -9,8 +9,12 @@ Each scenario starts its own ``bentoml serve`` on a free loopback port (the arti
 the model store, damaged), prints a JSON report and writes it to ``load/reports/faults-<name>.json``.
 ``tests/integration/test_faults.py`` runs bounded versions of the same functions.
 
-- kill: sentiment traffic at ``rate`` req/s; at ``kill_at`` s the service's worker gets SIGKILL.
-  BentoML's arbiter (circus) starts a new one. Reported: requests that failed (by status), the new
+- kill: traffic for ``service`` at ``rate`` req/s (translate requests for the translate model
+  service; sentiment requests for ``rnnserve``, the entry worker, which runs the sentiment model
+  itself); at ``kill_at`` s the service's worker gets SIGKILL. BentoML's arbiter (circus) starts a
+  new one. A killed model service answers the entry's calls with connection errors, which the entry
+  turns into 503 + Retry-After; a killed entry worker takes the connections it held with it (with
+  ``RNNSERVE_API_WORKERS`` >= 2 the others keep serving). Reported: requests that failed (by status), the new
   pid, and the recovery time: from the kill until the first of three consecutive requests that
   answer normally (200, well-formed, latency under ``normal_latency_s``).
 - artifact: the model's ``model.pt`` in the store copy is truncated, has one byte flipped (same size,
@@ -42,17 +46,17 @@ import httpx
 import psutil
 
 from load.harness import (
-    Request as Call,
-)
-from load.harness import (
+    TRAFFIC,
     Run,
     open_loop,
     send,
     sentences,
-    sentiment_requests,
     session,
     worker_pid,
     write_report,
+)
+from load.harness import (
+    Request as Call,
 )
 
 # Probe requests per model: one cheap request that answers 200 when the model serves.
@@ -71,13 +75,13 @@ def store_home() -> Path:
 # SIGKILL a worker under load ----------------------------------------------------------------------
 
 
-async def kill_worker_under_load(url: str, pid: int, service: str = "sentiment", rate: float = 20.0,
+async def kill_worker_under_load(url: str, pid: int, service: str = "translate", rate: float = 20.0,
                                  duration_s: float = 60.0, kill_at_s: float = 10.0,
                                  normal_latency_s: float = 2.0) -> dict[str, Any]:
     """Kills ``service``'s worker with SIGKILL ``kill_at_s`` into a steady load; see the module doc."""
     old = worker_pid(pid, service)
     run = Run()
-    make = sentiment_requests(seed=3)
+    make = TRAFFIC[service](3)
     load = asyncio.create_task(open_loop(url, rate, duration_s, make, run=run))
     await asyncio.sleep(kill_at_s)
     os.kill(old, signal.SIGKILL)
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["kill", "artifact", "sigterm", "all"])
-    parser.add_argument("--service", default="sentiment", help="kill: whose worker gets SIGKILL")
+    parser.add_argument("--service", default="translate", choices=sorted(TRAFFIC),
+                        help="kill: whose worker gets SIGKILL")
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--kill-at", type=float, default=10.0)

@@ -24,7 +24,7 @@ from load.faults import (
     sigterm_in_flight,
     start_degraded,
 )
-from load.harness import sentiment_requests, time_to_normal, worker_pid
+from load.harness import time_to_normal, translate_requests, worker_pid
 
 DAMAGED = "forecast"
 TOKEN = "test-token-for-the-fault-server"
@@ -81,13 +81,15 @@ def test_the_api_token_protects_the_session_endpoints(degraded):
 
 def test_a_worker_killed_with_sigkill_is_restarted_and_nothing_answers_500(degraded):
     pid = degraded.process.pid
-    report = asyncio.run(kill_worker_under_load(degraded.url, pid, "sentiment", rate=10.0, duration_s=20.0,
+    # The translate model service: its in-flight calls break when it dies, and the entry must turn
+    # that into 503s, never a 500.
+    report = asyncio.run(kill_worker_under_load(degraded.url, pid, "translate", rate=10.0, duration_s=20.0,
                                                 kill_at_s=3.0))
-    recovered = asyncio.run(time_to_normal(degraded.url, sentiment_requests(seed=4), limit_s=240))
+    recovered = asyncio.run(time_to_normal(degraded.url, translate_requests(seed=4), limit_s=240))
     print(f"\nSIGKILL: {report['failed_after_kill']} failed requests {report['failed_statuses']}; "
           f"recovery {report['recovery_s']} s in the run; normal answers {recovered} s after it")
     assert recovered is not None, "the service did not answer normally again within 240 s"
-    new = worker_pid(pid, "sentiment")
+    new = worker_pid(pid, "translate")
     assert new != report["old_pid"]
     statuses = report["whole_run"]["statuses"]
     assert "500" not in statuses and "ClientTimeout" not in statuses, statuses
@@ -102,7 +104,7 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_nothing_answers_500(degra
 
 
 def test_sigterm_finishes_every_request_in_flight(degraded):
-    # The restarted sentiment worker must be serving before the requests are put in flight.
+    # The restarted translate worker must be serving before the requests are put in flight.
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if httpx.post(f"{degraded.url}/v1/sentiment", json={"text": "fine"}, timeout=60).status_code == 200:
