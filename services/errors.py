@@ -177,7 +177,44 @@ def check_json(body: bytes, max_depth: int) -> Problem | None:
 
 
 def check_value(value: Any, max_depth: int) -> Problem | None:
-    """Walks a parsed JSON value without recursion: depth, finite numbers, encodable strings."""
+    """Depth, finite numbers and encodable strings of a parsed JSON value; None when acceptable.
+
+    Runs on every request, so the common case (nothing wrong) takes a fast walk that tracks only
+    the depth; the walk that also builds each value's path runs only to name the offending field.
+    """
+    if _acceptable(value, max_depth):
+        return None
+    return _locate_problem(value, max_depth)
+
+
+def _acceptable(value: Any, max_depth: int) -> bool:
+    if type(value) not in (dict, list):
+        return _locate_problem(value, max_depth) is None
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if item and depth + 1 > max_depth:  # its values would sit past the limit
+            return False
+        for child in (item.values() if type(item) is dict else item):
+            kind = type(child)
+            if kind is float:
+                if not math.isfinite(child):
+                    return False
+            elif kind is str:
+                try:
+                    child.encode("utf-8")
+                except UnicodeEncodeError:
+                    return False
+            elif kind is int:
+                if abs(child) > sys.float_info.max:
+                    return False
+            elif kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return True
+
+
+def _locate_problem(value: Any, max_depth: int) -> Problem | None:
+    """Walks a parsed JSON value without recursion, keeping each value's path for the message."""
     stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
     while stack:
         item, loc = stack.pop()
@@ -553,6 +590,8 @@ class GuardMiddleware:
         async def shaping_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 started.set()
+                if (deadline_cm := pending.pop("deadline", None)) is not None:
+                    deadline_cm.reschedule(None)  # answered in time: the rest may stream at leisure
                 if message["status"] < 400:
                     await send(message)
                     return
@@ -578,21 +617,18 @@ class GuardMiddleware:
             if not deadline:
                 await self._unexpected(scope, receive, shaping_send, started)
                 return
-            task = asyncio.ensure_future(self._unexpected(scope, receive, shaping_send, started))
-            waiter = asyncio.ensure_future(started.wait())
+            # The deadline cancels this task if no response has started by then (asyncio.timeout, so
+            # no extra task per request); the first byte of the answer lifts it.
+            deadline_cm = pending["deadline"] = asyncio.timeout(self.timeout_s)
             try:
-                await asyncio.wait({task, waiter}, timeout=self.timeout_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-            if not started.is_set() and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                async with deadline_cm:
+                    await self._unexpected(scope, receive, shaping_send, started)
+            except TimeoutError:
+                if not deadline_cm.expired() or started.is_set():
+                    raise
                 await self._refuse(send, Problem(503, "timeout", f"No answer within the {self.timeout_s:g} s "
                                                  f"limit; the service is overloaded. Retry after "
                                                  f"{self.retry_after_s} s or send a smaller request."))
-                return
-            await task
         finally:
             _REQUEST_PROBLEM.reset(token)
 

@@ -20,6 +20,7 @@ either create a new session with history or re-import a state they exported
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import logging
 import math
@@ -424,8 +425,12 @@ class WindowModel:
     def forecast(self, requests: list[ForecastRequest]) -> list[WindowResult]:
         return forecast_windows(self.model, self.model_spec, requests, self.device)
 
-    def spec(self) -> ForecastSpec:
+    @functools.cached_property
+    def public_spec(self) -> ForecastSpec:
         return self.model_spec.public(SETTINGS.forecast_max_sessions, SETTINGS.forecast_session_ttl_s)
+
+    def spec(self) -> ForecastSpec:
+        return self.public_spec
 
 
 @bentoml.service(

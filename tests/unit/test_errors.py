@@ -48,6 +48,12 @@ async def fake_app(scope: Scope, receive: Receive, send: Send) -> None:
         status, payload = 405, b"Method Not Allowed"
     elif path == "/v1/slow":
         await asyncio.sleep(30)
+    elif path == "/v1/slow-stream":  # answers at once, then takes longer than the deadline to finish
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first ", "more_body": True})
+        await asyncio.sleep(1.0)
+        await send({"type": "http.response.body", "body": b"last"})
+        return
     elif path == "/docs.json":
         payload = json.dumps({"paths": {"/v1/forecast/sessions": {"post": {"responses": {}}},
                                         "/v1/caption": {"post": {"responses": {}}}},
@@ -190,6 +196,12 @@ def test_requests_past_max_in_flight_get_503_with_retry_after():
     assert codes == ["overloaded"] * 3 + ["timeout"] * 2
     assert all(r.headers["retry-after"] == "2" for r in responses)
     assert app.in_flight == 0
+
+
+def test_the_deadline_is_lifted_once_the_answer_has_started():
+    [response] = run(guard(timeout_s=0.3), post("/v1/slow-stream", json_body={}))
+    assert response.status_code == 200
+    assert response.content == b"first last"
 
 
 def test_token_protects_only_the_configured_paths():
@@ -382,3 +394,29 @@ def test_a_multipart_body_that_does_not_parse_is_a_400():
     assert_shape(refused, 400, "invalid_multipart")
     assert accepted.status_code == 200
     assert_shape(no_boundary, 400, "invalid_multipart")
+
+
+def test_the_fast_json_walk_agrees_with_the_one_that_names_the_field():
+    """check_value's fast walk (depth only) must accept exactly what the path-building walk accepts."""
+    import random
+
+    from services.errors import _acceptable, _locate_problem
+
+    rng = random.Random(0)
+    scalars = [1, 2.5, float("inf"), float("nan"), "x", "\ud800", None, True, 10**400, -1e308, [], {}]
+
+    def value(depth: int):
+        roll = rng.random()
+        if depth > 6 or roll < 0.3:
+            return rng.choice(scalars)
+        if roll < 0.65:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {str(i): value(depth + 1) for i in range(rng.randint(0, 3))}
+
+    verdicts = set()
+    for _ in range(5000):
+        candidate, max_depth = value(0), rng.randint(1, 5)
+        fast = _acceptable(candidate, max_depth)
+        assert fast == (_locate_problem(candidate, max_depth) is None), (candidate, max_depth)
+        verdicts.add(fast)
+    assert verdicts == {True, False}  # both outcomes were exercised
