@@ -60,6 +60,7 @@ from services.translate import Translate
 
 
 @bentoml.service(name="rnnserve", workers=SETTINGS.api_workers, traffic={"timeout": SETTINGS.timeout_s},
+                  backlog=SETTINGS.api_backlog,
                   **SETTINGS.observability(access_log=True))
 class Api:
     # Run in this worker (services/inprocess.py): checksum-verified from the model store by tag.

@@ -69,10 +69,12 @@ class Settings:
     # OpenTelemetry tracing of requests (BentoML's ASGI middleware, every service). "off" excludes every
     # URL from it: creating a span per request was 0.54 ms of the 1.52 ms an empty BentoML endpoint
     # costs (load/RESULTS.md), on each hop. "on" traces as BentoML's own config says (exporter,
-    # sample rate: BENTOML_CONFIG). access_log: the entry's one line per request (model services
-    # never log their internal calls).
+    # sample rate: BENTOML_CONFIG). access_log "on": BentoML's line per public request from the entry
+    # (model services never log their internal calls); off by default because it cost 11-15% of peak
+    # throughput (load/RESULTS.md), while /metrics counts every request by endpoint and status and
+    # errors are logged either way.
     tracing: str = "off"
-    access_log: str = "on"
+    access_log: str = "off"
     # Worker processes of the entry service (services/api.py). Each parses and validates requests on
     # its own event loop, runs its own copy of the sentiment and forecast-window models with its own
     # batcher, and forwards the rest; max_in_flight applies per worker (load/RESULTS.md).
@@ -94,6 +96,12 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_json_depth: int = 32
     max_in_flight: int = 256
+    # Connections the kernel queues for the entry before a worker accepts them (listen backlog;
+    # BentoML's default is 2048, its minimum 64). Requests waiting there are invisible to
+    # max_in_flight and to every deadline: at 2x peak, 2048 queued connections held requests 5 s
+    # (p50) and delayed recovery 12 s; 128 gave 0.3 s and 1.1 s (load/overload.py, load/RESULTS.md).
+    # Past it the kernel drops new SYNs and clients retry the connect (TCP's backoff).
+    api_backlog: int = 128
     retry_after_s: int = 1
     api_token: str = ""
     api_token_paths: str = "/v1/forecast/sessions"
