@@ -16,7 +16,6 @@ services: their calls are long, and sessions must live in one process.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,18 +37,27 @@ Model = TypeVar("Model")
 REGISTRY: dict[str, InProcessModel[Any]] = {}
 
 
-@functools.cache
+_HISTOGRAM: list[Any] = []
+
+
 def batch_size_histogram(max_batch_size: int) -> Any:
     """BentoML's own ``bentoml_service_adaptive_batch_size`` histogram (requests merged per call), so
-    dashboards and load/bench.py read one metric wherever the batching runs."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.utils.metrics import exponential_buckets
+    dashboards and load/bench.py read one metric wherever the batching runs.
 
-    return BentoMLContainer.metrics_client.get().Histogram(
-        namespace="bentoml_service", name="adaptive_batch_size", documentation="Service adaptive batch size",
-        labelnames=["runner_name", "worker_index", "method_name", "service_version", "service_name"],
-        buckets=exponential_buckets(1, 2, max_batch_size),
-    )
+    A process can register the name once: the first batcher's ``max_batch_size`` sets the buckets
+    (the entry passes the largest of its batchers'), later ones share it.
+    """
+    if not _HISTOGRAM:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+        from bentoml._internal.utils.metrics import exponential_buckets
+
+        _HISTOGRAM.append(BentoMLContainer.metrics_client.get().Histogram(
+            namespace="bentoml_service", name="adaptive_batch_size",
+            documentation="Service adaptive batch size",
+            labelnames=["runner_name", "worker_index", "method_name", "service_version", "service_name"],
+            buckets=exponential_buckets(1, 2, max_batch_size),
+        ))
+    return _HISTOGRAM[0]
 
 
 class Batcher(Generic[Item, Result]):
@@ -89,17 +97,20 @@ class Batcher(Generic[Item, Result]):
             return []
         return await self._call(items)
 
+    async def _run(self, items: list[Item]) -> list[Result]:
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._func, items)
+        if len(results) != len(items):  # the batching contract: nothing dropped, nothing invented
+            raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
+        return results
+
     async def _run_alone(self, items: list[Item]) -> list[Result]:
         self._observe(1)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._func, items)
+        return await self._run(items)
 
     async def _run_merged(self, batches: Sequence[list[Item]]) -> list[list[Result]]:
         """The dispatcher's callback: one list per request in, one list of results per request out."""
         self._observe(len(batches))
-        merged = [item for batch in batches for item in batch]
-        results = await asyncio.get_running_loop().run_in_executor(self._executor, self._func, merged)
-        if len(results) != len(merged):
-            raise RuntimeError(f"{self.name}: {len(results)} results for {len(merged)} items")
+        results = await self._run([item for batch in batches for item in batch])
         out, start = [], 0
         for batch in batches:
             out.append(results[start:start + len(batch)])
