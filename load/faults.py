@@ -50,8 +50,8 @@ from load.harness import (
     Run,
     open_loop,
     send,
-    sentences,
     session,
+    translate_sentences,
     worker_pid,
     write_report,
 )
@@ -203,11 +203,17 @@ def artifact_scenario(model: str, damage: str) -> dict[str, Any]:
 # SIGTERM with requests in flight ------------------------------------------------------------------
 
 
-async def sigterm_in_flight(url: str, pid: int, requests: int = 16, texts_per_request: int = 8,
-                            delay_s: float = 0.05) -> dict[str, Any]:
-    """Puts ``requests`` requests in flight on open connections, then sends SIGTERM to ``pid``."""
-    long_texts = [t for t in sentences() if len(t.split()) > 20][:texts_per_request]
-    call = Call("/v1/sentiment", {"texts": long_texts},
+async def sigterm_in_flight(url: str, pid: int, requests: int = 16, texts_per_request: int = 4,
+                            delay_s: float = 0.1) -> dict[str, Any]:
+    """Puts ``requests`` requests in flight on open connections, then sends SIGTERM to ``pid``.
+
+    Translation with beam search of the longest held-out sentences: slow enough (about a second for
+    all of them) to be in flight when the signal arrives, and it crosses the entry and a model
+    service, so the shutdown order of the two is tested too. ``answered_before_sigterm`` says how
+    many had already finished.
+    """
+    long_texts = sorted(translate_sentences(), key=len)[-texts_per_request:]
+    call = Call("/v1/translate", {"texts": long_texts, "beam_size": 4},
                 lambda answer: len(answer.get("results", [])) == len(long_texts))
     run = Run()
     async with session(requests + 4) as http:

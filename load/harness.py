@@ -64,13 +64,18 @@ def sentiment_requests(seed: int = 0) -> Callable[[], Request]:
     return make
 
 
-def translate_requests(seed: int = 0) -> Callable[[], Request]:
-    """Translation traffic (greedy, one held-out test sentence per request)."""
+def translate_sentences() -> list[str]:
+    """Held-out English sentences of the translation test split (split by hash of the English side)."""
     from training.train_translate import TrainTranslateConfig, read_pairs, split_of
 
     config = TrainTranslateConfig()
-    english = sorted({e for e, _ in read_pairs(config.data_path, config.member)
-                      if split_of(e, config.test_per_mille, config.dev_per_mille) == "test"})
+    return sorted({e for e, _ in read_pairs(config.data_path, config.member)
+                   if split_of(e, config.test_per_mille, config.dev_per_mille) == "test"})
+
+
+def translate_requests(seed: int = 0) -> Callable[[], Request]:
+    """Translation traffic (greedy, one held-out test sentence per request)."""
+    english = translate_sentences()
     rng = random.Random(seed)
 
     def make() -> Request:

@@ -36,7 +36,7 @@ def degraded(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
     damage_store(bentoml_home, home, DAMAGED, "tampered")
     # A long batcher deadline: on this shared machine the batcher would otherwise shed some of the
     # requests put in flight for the SIGTERM test, which is about shutdown, not capacity.
-    env = {"RNNSERVE_API_TOKEN": TOKEN, "RNNSERVE_SENTIMENT_MAX_LATENCY_MS": "10000"}
+    env = {"RNNSERVE_API_TOKEN": TOKEN, "RNNSERVE_TRANSLATE_MAX_LATENCY_MS": "20000"}
     server = start_degraded(home, env=env)
     yield server
     server.stop()
@@ -107,11 +107,13 @@ def test_sigterm_finishes_every_request_in_flight(degraded):
     # The restarted translate worker must be serving before the requests are put in flight.
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if httpx.post(f"{degraded.url}/v1/sentiment", json={"text": "fine"}, timeout=60).status_code == 200:
+        probe = httpx.post(f"{degraded.url}/v1/translate", json={"text": "I like cats."}, timeout=60)
+        if probe.status_code == 200:
             break
         time.sleep(1)
     report = asyncio.run(sigterm_in_flight(degraded.url, degraded.process.pid, requests=16))
     print(f"\nSIGTERM: {report}")
+    assert report["answered_before_sigterm"] < report["in_flight"], "nothing was in flight: " + str(report)
     assert report["statuses"] == {"200": report["in_flight"]}, report
     assert report["all_ok"]
     assert report["late_request"] != "200"
