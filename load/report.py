@@ -135,10 +135,14 @@ def server_view(before: Samples, after: Samples) -> ServerView:
     for labels, value in delta(before, after, "bentoml_service_request_total"):
         if labels.get("service_name") == ENTRY_SERVICE and value > 0:
             requests[labels["endpoint"]][labels["http_response_code"]] = round(value)
+    def batcher(labels: dict[str, str]) -> str:
+        # runner_name names the batcher's model: the service's name for a model service's batchable
+        # API, the model's for a batcher inside the entry (services/inprocess.py).
+        return f"{labels.get('runner_name') or labels.get('service_name')}.{labels.get('method_name')}"
+
     cumulative: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     for labels, value in delta(before, after, "bentoml_service_adaptive_batch_size_bucket"):
-        key = f"{labels.get('service_name')}.{labels.get('method_name')}"
-        cumulative[key][float(labels["le"])] += value  # summed over workers
+        cumulative[batcher(labels)][float(labels["le"])] += value  # summed over workers
     batch_sizes: dict[str, dict[float, int]] = {}
     for key, buckets in cumulative.items():
         previous, counts = 0.0, {}
@@ -147,8 +151,9 @@ def server_view(before: Samples, after: Samples) -> ServerView:
             previous = buckets[bound]
         if sum(counts.values()) > 0:
             batch_sizes[key] = counts
-    sums = {f"{lb.get('service_name')}.{lb.get('method_name')}": v
-            for lb, v in delta(before, after, "bentoml_service_adaptive_batch_size_sum")}
+    sums: dict[str, float] = defaultdict(float)
+    for labels, value in delta(before, after, "bentoml_service_adaptive_batch_size_sum"):
+        sums[batcher(labels)] += value  # summed over workers, like the buckets
     batch_means = {key: sums.get(key, 0.0) / max(1, sum(counts.values()))
                    for key, counts in batch_sizes.items()}
     ratio_sum = {lb["model"]: v for lb, v in delta(before, after, "rnnserve_model_batch_padding_ratio_sum")}

@@ -77,6 +77,20 @@ def test_server_view_is_the_difference_of_two_scrapes():
     assert view.padding_waste == {"sentiment": (300, 900)}
 
 
+def test_batch_sizes_of_several_workers_add_up():
+    """Two entry workers each batch the sentiment model (services/inprocess.py): the mean over both
+    must use both workers' sums, not the last one read."""
+    def two_workers(batches: dict[str, int]) -> str:
+        one = metrics(0, 0, batches, 0)
+        return one + one.replace('worker_index="1"', 'worker_index="2"')
+
+    before = parse_metrics(two_workers({}))
+    after = parse_metrics(two_workers({"1.0": 3, "2.0": 1}))
+    view = server_view(before, after)
+    assert view.batch_sizes == {"sentiment.classify": {1.0: 6, 2.0: 2, 4.0: 0, float("inf"): 0}}
+    assert view.batch_means["sentiment.classify"] == (6 * 1 + 2 * 2) / 8
+
+
 def test_agreeing_views_are_reported_as_agreeing(tmp_path):
     locust = read_locust(write_locust(tmp_path, requests=103, failures=3))
     assert locust["/v1/sentiment [1]"].failures_by_status == {"503": 3}
