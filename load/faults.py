@@ -217,8 +217,16 @@ async def sigterm_in_flight(url: str, pid: int, requests: int = 16, texts_per_re
                 lambda answer: len(answer.get("results", [])) == len(long_texts))
     run = Run()
     async with session(requests + 4) as http:
-        # Open the connections first, so the requests below are in flight, not waiting to connect.
-        await asyncio.gather(*(send(http, url, call, Run()) for _ in range(requests)))
+        # Open the connections first, so the requests below are in flight, not waiting to connect;
+        # repeat until a round answers 200 throughout (at most 5): right after a model worker was
+        # restarted, the entry's client pool may still hold a connection to the dead one.
+        warm_up: list[dict[str, int]] = []
+        for _ in range(5):
+            round_run = Run()
+            await asyncio.gather(*(send(http, url, call, round_run) for _ in range(requests)))
+            warm_up.append(round_run.counts())
+            if all(o.ok for o in round_run.outcomes):
+                break
         in_flight = [asyncio.create_task(send(http, url, call, run)) for _ in range(requests)]
         await asyncio.sleep(delay_s)
         signalled = time.monotonic()
@@ -237,8 +245,9 @@ async def sigterm_in_flight(url: str, pid: int, requests: int = 16, texts_per_re
             exited_after = round(time.monotonic() - signalled, 2)
             break
         await asyncio.sleep(0.1)
-    return {"in_flight": sent_before, "answered_before_sigterm": answered_before,
-            "statuses": run.counts(), "all_ok": all(o.ok for o in run.outcomes),
+    return {"warm_up_rounds": warm_up, "in_flight": sent_before, "answered_before_sigterm": answered_before,
+            "statuses": run.counts(), "error_codes": dict(run.error_codes),
+            "all_ok": all(o.ok for o in run.outcomes),
             "late_request": late.outcomes[0].status, "exited_after_s": exited_after}
 
 
