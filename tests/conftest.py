@@ -93,6 +93,22 @@ class Server:
                 self.process.wait()
 
 
+def batch_histogram(client: httpx.Client, runner: str, method: str) -> tuple[float, float]:
+    """(sum, count) of BentoML's ``bentoml_service_adaptive_batch_size`` histogram for one batcher,
+    summed over workers: the sum counts requests, the count counts model calls."""
+    from load.report import parse_metrics
+
+    totals = {"sum": 0.0, "count": 0.0}
+    for (name, labels), value in parse_metrics(client.get("/metrics").text).items():
+        found = dict(labels)
+        if found.get("runner_name") != runner or found.get("method_name") != method:
+            continue
+        for kind in totals:
+            if name == f"bentoml_service_adaptive_batch_size_{kind}":
+                totals[kind] += value
+    return totals["sum"], totals["count"]
+
+
 def register_artifacts(bentoml_home: Path) -> list[str]:
     """Registers every committed artifact into the store at ``bentoml_home``."""
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from services.schemas.caption import CAPTION_EXAMPLE, MAX_BEAM_SIZE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from tests.conftest import batch_histogram
 from training.scenes import make_scene, parse_caption
 
 
@@ -186,21 +187,11 @@ def test_stream_rejects_a_bad_image_before_streaming(client):
     assert response.status_code == 415 and "PNG, JPEG or WebP" in response.text
 
 
-def batch_histogram(client) -> tuple[float, float]:
-    text = client.get("/metrics").text
-    values = []
-    for kind in ("sum", "count"):
-        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="caption"' \
-                  rf'[^}}]*runner_name="caption"[^}}]*\}} ([0-9.e+]+)$'
-        values.append(sum(float(v) for v in re.findall(pattern, text, flags=re.M)))
-    return values[0], values[1]
-
-
 def test_concurrent_requests_are_batched_and_match_single_calls(client, server):
     files = [scene_file(seed) for seed in range(8)]
     singles = [post_retrying_503(client, "/v1/caption", json={"image": b64(f)}).json()["caption"]
                for f in files]
-    before_sum, before_count = batch_histogram(client)
+    before_sum, before_count = batch_histogram(client, "caption", "caption")
 
     def one(i: int) -> str:
         with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -211,7 +202,7 @@ def test_concurrent_requests_are_batched_and_match_single_calls(client, server):
     with ThreadPoolExecutor(max_workers=24) as pool:
         captions = list(pool.map(one, range(48)))
     assert captions == [singles[i % 8] for i in range(48)], "batching changed a caption"
-    after_sum, after_count = batch_histogram(client)
+    after_sum, after_count = batch_histogram(client, "caption", "caption")
     requests, calls = after_sum - before_sum, after_count - before_count
     assert requests >= 48
     assert calls < requests, f"{calls} model calls for {requests} requests: no batching happened"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from services.schemas.forecast import EXAMPLE_BARS, FORECAST_EXAMPLE, SESSION_CREATE_EXAMPLE
-from tests.conftest import Server
+from tests.conftest import Server, batch_histogram
 
 SESSIONS = "/v1/forecast/sessions"
 
@@ -84,7 +84,7 @@ def test_more_rows_than_the_window_are_noted_and_do_not_change_the_forecast(clie
 
 
 def test_concurrent_forecasts_are_batched_and_equal_single_calls(client, server):
-    before = batch_histogram(client, "forecast")
+    before = batch_histogram(client, "forecast", "forecast")
     bodies = [{**FORECAST_EXAMPLE, "rows": EXAMPLE_BARS[i % 20: i % 20 + 61], "horizon": 1 + i % 5}
               for i in range(48)]
 
@@ -96,7 +96,8 @@ def test_concurrent_forecasts_are_batched_and_equal_single_calls(client, server)
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         concurrent = list(pool.map(one, bodies))
-    requests, calls = (a - b for a, b in zip(batch_histogram(client, "forecast"), before, strict=True))
+    after = batch_histogram(client, "forecast", "forecast")
+    requests, calls = (a - b for a, b in zip(after, before, strict=True))
     assert requests == 48 and calls < requests, f"{calls} model calls for {requests} requests"
     for body, result in zip(bodies[:5], concurrent[:5], strict=True):
         single = client.post("/v1/forecast", json=body).json()
@@ -223,7 +224,7 @@ def test_exported_state_resumes_in_a_new_session(client):
 
 def test_steps_from_many_sessions_are_batched_into_one_rnn_step(client, server):
     sessions = [create(client, EXAMPLE_BARS[:5 + i])["session_id"] for i in range(32)]
-    before = batch_histogram(client, "step")
+    before = batch_histogram(client, "forecast", "step")
 
     def one(i: int) -> dict:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -233,7 +234,8 @@ def test_steps_from_many_sessions_are_batched_into_one_rnn_step(client, server):
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         results = list(pool.map(one, range(32)))
-    requests, calls = (a - b for a, b in zip(batch_histogram(client, "step"), before, strict=True))
+    after = batch_histogram(client, "forecast", "step")
+    requests, calls = (a - b for a, b in zip(after, before, strict=True))
     assert requests == 32 and calls < requests, f"{calls} step calls for {requests} session steps"
     # Batched steps still equal the per-session truth: a session warmed with the same bars.
     for i in (0, 17, 31):
@@ -257,17 +259,6 @@ def test_openapi_documents_forecast_and_session_routes(client):
     for route in ("/v1/forecast", "/v1/forecast/spec", SESSIONS, f"{SESSIONS}/step", f"{SESSIONS}/get",
                   f"{SESSIONS}/delete", f"{SESSIONS}/export", f"{SESSIONS}/import"):
         assert route in paths, route
-
-
-def batch_histogram(client: httpx.Client, method: str) -> tuple[float, float]:
-    """(sum, count) of BentoML's adaptive batch size histogram for a forecast-service method."""
-    text = client.get("/metrics").text
-    values = []
-    for kind in ("sum", "count"):
-        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="{method}"' \
-                  rf'[^}}]*runner_name="forecast"[^}}]*\}} ([0-9.e+]+)$'
-        values.append(sum(float(v) for v in re.findall(pattern, text, flags=re.M)))
-    return values[0], values[1]
 
 
 # Limits: a second server with a tiny session limit and TTL ---------------------------------------

@@ -16,6 +16,7 @@ from services.schemas.sentiment import (
     SENTIMENT_EXAMPLE,
     SENTIMENT_SINGLE_EXAMPLE,
 )
+from tests.conftest import batch_histogram
 
 
 def test_single_text_gets_label_score_probabilities_and_model(client):
@@ -84,19 +85,8 @@ def test_wrong_content_type_is_a_415(client, content_type):
     assert response.json()["error"]["code"] == "unsupported_media_type"
 
 
-def _batch_histogram(client: httpx.Client) -> tuple[float, float]:
-    """(sum, count) of BentoML's adaptive batch size histogram for the sentiment classify API."""
-    text = client.get("/metrics").text
-    values = {}
-    for kind in ("sum", "count"):
-        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="classify"' \
-                  rf'[^}}]*runner_name="sentiment"[^}}]*\}} ([0-9.e+]+)$'
-        values[kind] = sum(float(v) for v in re.findall(pattern, text, flags=re.M))
-    return values["sum"], values["count"]
-
-
 def test_concurrent_requests_are_batched_on_the_server(client, server):
-    before_sum, before_count = _batch_histogram(client)
+    before_sum, before_count = batch_histogram(client, "sentiment", "classify")
 
     def one(i: int) -> int:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -106,7 +96,7 @@ def test_concurrent_requests_are_batched_on_the_server(client, server):
     with ThreadPoolExecutor(max_workers=32) as pool:
         statuses = list(pool.map(one, range(128)))
     assert statuses == [200] * 128
-    after_sum, after_count = _batch_histogram(client)
+    after_sum, after_count = batch_histogram(client, "sentiment", "classify")
     requests, calls = after_sum - before_sum, after_count - before_count
     assert requests == 128, "every request went through the batcher once"
     # Fewer model calls than requests means some calls carried more than one request.

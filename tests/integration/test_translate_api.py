@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,6 +16,7 @@ from services.schemas.translate import (
     TRANSLATE_SINGLE_EXAMPLE,
     TRANSLATE_STREAM_EXAMPLE,
 )
+from tests.conftest import batch_histogram
 
 TEXTS = [
     "I love dogs.",
@@ -71,10 +71,10 @@ def test_concurrent_requests_with_mixed_options_each_get_their_own_answer(client
              for text in TEXTS[:4]
              for beam, max_length, attention in OPTION_MIX]
     expected = [post(client, case)["results"][0] for case in cases]
-    before_sum, before_count = _batch_histogram(client)
+    before_sum, before_count = batch_histogram(client, "translate", "translate")
     with ThreadPoolExecutor(max_workers=len(cases)) as pool:  # arrive together: batched by BentoML
         concurrent = list(pool.map(lambda case: post(client, case)["results"][0], cases))
-    after_sum, after_count = _batch_histogram(client)
+    after_sum, after_count = batch_histogram(client, "translate", "translate")
     items, calls = after_sum - before_sum, after_count - before_count
     assert items == len(cases), "every item went through the batcher once"
     # Fewer model calls than items: some calls carried items of several requests, with mixed options.
@@ -83,17 +83,6 @@ def test_concurrent_requests_with_mixed_options_each_get_their_own_answer(client
         assert got["translation"] == want["translation"], case
         assert got["beam_size"] == case["beam_size"] and got["output_tokens"] <= case["max_length"]
         assert (got["attention"] is not None) == case["return_attention"]
-
-
-def _batch_histogram(client) -> tuple[float, float]:
-    """(sum, count) of BentoML's adaptive batch size histogram for the translate model API."""
-    text = client.get("/metrics").text
-    values = {}
-    for kind in ("sum", "count"):
-        pattern = rf'^bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="translate"' \
-                  rf'[^}}]*runner_name="translate"[^}}]*\}} ([0-9.e+]+)$'
-        values[kind] = sum(float(v) for v in re.findall(pattern, text, flags=re.M))
-    return values["sum"], values["count"]
 
 
 def test_attention_has_one_row_per_output_token_over_the_source_pieces(client):
