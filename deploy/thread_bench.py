@@ -14,7 +14,6 @@ Figures depend on what else the machine runs; the script prints the load average
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -30,24 +29,17 @@ sys.path.insert(0, str(ROOT / "deploy"))
 import torch  # noqa: E402
 from probe import request  # noqa: E402
 
+from load.harness import sentences  # noqa: E402
 from models.text import Vocab  # noqa: E402
 from services.artifacts import load_artifact  # noqa: E402
 from services.sentiment import classify  # noqa: E402
-
-DEV = ROOT / "training" / "data" / "sst2" / "glue_dev.tsv"
-
-
-def dev_sentences(count: int) -> list[str]:
-    with open(DEV, newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [row["sentence"].strip() for row in rows[:count]]
 
 
 def in_process(artifact: Path, threads: int, batch_size: int, seconds: float) -> float:
     torch.set_num_threads(threads)
     model, metadata = load_artifact(artifact)
     vocab, labels = Vocab(metadata["vocab"]), list(metadata["labels"])
-    texts = dev_sentences(512)
+    texts = sentences()[:512]
     batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     for batch in batches[:2]:
         classify(model, vocab, labels, batch)
@@ -83,7 +75,7 @@ def served(artifact: Path, workers: int, threads: int, seconds: float, concurren
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError((Path(home) / "serve.log").read_text()[-3000:])
                 time.sleep(0.5)
-            texts = dev_sentences(64)
+            texts = sentences()[:64]
             stop = time.monotonic() + seconds
 
             def worker(index: int) -> int:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import json
 import os
 import platform
@@ -55,22 +54,15 @@ import numpy as np
 import psutil
 import torch
 
+from load.harness import sentences, translate_sentences
 from tests.conftest import ROOT, Server
 
 REPORTS = ROOT / "load" / "reports"
-SST2_DEV = ROOT / "training" / "data" / "sst2" / "glue_dev.tsv"
 TSLA = ROOT / "training" / "data" / "stock" / "TSLA.csv"
 BATCH_SIZES = (1, 8, 32, 64)
 
 
 # Inputs --------------------------------------------------------------------------------------------
-
-
-def dev_sentences() -> list[str]:
-    with open(SST2_DEV, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader)
-        return [row[0].strip() for row in reader]
 
 
 def long_tail(sentences: list[str], rng: random.Random, count: int) -> list[str]:
@@ -133,7 +125,7 @@ def sentiment_paths() -> tuple[Paths, dict]:
     path, sha = artifact_dir("sentiment")
     model, metadata = load_artifact(path, expected_sha256=sha)
     vocab, labels = Vocab(metadata["vocab"]), list(metadata["labels"])
-    texts = dev_sentences()
+    texts = sentences()
     encoded = [vocab.encode(text) for text in texts]
     info = {"artifact": str(path), "cell": metadata["cell"], "model_config": metadata.get("model_config")}
 
@@ -165,15 +157,6 @@ def forecast_paths() -> tuple[Paths, dict, list[dict]]:
 
     return {"model": (model_only, windows),
             "helpers": (lambda batch: forecast_windows(model, spec, batch), requests)}, info, bodies
-
-
-def translate_sentences() -> list[str]:
-    """The held-out test split's English sentences (as the BLEU figures and the Locust user)."""
-    from training.train_translate import TrainTranslateConfig, read_pairs, split_of
-
-    config = TrainTranslateConfig()
-    return sorted({english for english, _ in read_pairs(config.data_path, config.member)
-                   if split_of(english, config.test_per_mille, config.dev_per_mille) == "test"})
 
 
 def translate_paths() -> tuple[Paths, dict, list[dict]]:
@@ -225,11 +208,11 @@ def grouping_study(seconds: float, seed: int = 0) -> dict:
     path, sha = artifact_dir("sentiment")
     model, metadata = load_artifact(path, expected_sha256=sha)
     vocab = Vocab(metadata["vocab"])
-    sentences = dev_sentences()
+    dev = sentences()
     rng = random.Random(seed)
 
     # The cost model, fitted: time of one call = a * B * max_len + b * sum(len) + c * max_len + d.
-    encoded = [vocab.encode(s) for s in long_tail(sentences, rng, 4000)]
+    encoded = [vocab.encode(s) for s in long_tail(dev, rng, 4000)]
     rows, times = [], []
     for _ in range(300):
         batch = rng.sample(encoded, rng.choice((1, 2, 4, 8, 16, 32, 64)))
@@ -266,8 +249,8 @@ def grouping_study(seconds: float, seed: int = 0) -> dict:
                 "calls_per_batch": calls / len(batches), "sequences_per_s": 64 * len(batches) / elapsed}
 
     study = {"fit": fitted, "settings": asdict(settings_grouping)}
-    for mix_name, texts in (("dev", [rng.choice(sentences) for _ in range(64 * 40)]),
-                            ("long_tail", long_tail(sentences, rng, 64 * 40))):
+    for mix_name, texts in (("dev", [rng.choice(dev) for _ in range(64 * 40)]),
+                            ("long_tail", long_tail(dev, rng, 64 * 40))):
         batches = [[vocab.encode(t) for t in texts[i:i + 64]] for i in range(0, len(texts), 64)]
         result = {}
         for repeat in range(max(1, int(seconds // 2))):  # interleaved, best of: fair under noise
@@ -664,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n== {name}", flush=True)
         if name == "sentiment":
             paths, info = sentiment_paths()
-            bodies = [{"text": text} for text in dev_sentences()]
+            bodies = [{"text": text} for text in sentences()]
             route = "/v1/sentiment"
         elif name == "forecast":
             paths, info, bodies = forecast_paths()

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import random
-from pathlib import Path
 
 from locust import FastHttpUser, between, tag, task
 
 from load.checks import check_results
+from load.harness import sentences
 
-DEV = Path(__file__).resolve().parent.parent / "training" / "data" / "sst2" / "glue_dev.tsv"
-
-
-def dev_sentences() -> list[str]:
-    with open(DEV, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader)
-        return [row[0].strip() for row in reader]
-
-
-SENTENCES = dev_sentences()
+SENTENCES = sentences()
 
 
 class SentimentUser(FastHttpUser):

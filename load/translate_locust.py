@@ -9,12 +9,10 @@ import random
 from locust import FastHttpUser, between, tag, task
 
 from load.checks import check_results
-from training.train_translate import TrainTranslateConfig, read_pairs, split_of
+from load.harness import translate_sentences
 
-_CONFIG = TrainTranslateConfig()
 # The same held-out sentences the BLEU figures were measured on (split by hash of the English side).
-SENTENCES = sorted({english for english, _ in read_pairs(_CONFIG.data_path, _CONFIG.member)
-                    if split_of(english, _CONFIG.test_per_mille, _CONFIG.dev_per_mille) == "test"})
+SENTENCES = translate_sentences()
 # Short, medium and long sentences in equal measure, so load is not just Tatoeba's many short lines.
 BY_LENGTH = [[s for s in SENTENCES if low <= len(s.split()) < high]
              for low, high in ((1, 6), (6, 12), (12, 99))]
