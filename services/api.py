@@ -114,7 +114,7 @@ class Api:
         Research/demo output: no trading advice.
         """
         windows = self.windows.get()
-        spec = windows.spec()
+        spec = windows.public_spec
         try:
             check_forecast(request, spec)
         except ValueError as exc:
@@ -127,7 +127,7 @@ class Api:
     @bentoml.api(route="/v1/forecast/spec")
     async def forecast_spec(self) -> ForecastSpec:
         """Rows the forecast model needs, its horizons and quantiles, and the session limits."""
-        return self.windows.get().spec()
+        return self.windows.get().public_spec
 
     @bentoml.api(route="/v1/forecast/sessions")
     async def create_forecast_session(self, request: SessionCreateRequest, /) -> SessionInfo:

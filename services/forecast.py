@@ -20,7 +20,6 @@ either create a new session with history or re-import a state they exported
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import itertools
 import logging
 import math
@@ -415,6 +414,9 @@ class WindowModel:
         self.device = device
         self.model, self.metadata, self.model_info = load_stored_model(stored, device)
         self.model_spec = ModelSpec.from_metadata(self.metadata, self.model_info.version)
+        # What /v1/forecast/spec answers: fixed by the artifact and the settings.
+        self.public_spec = self.model_spec.public(SETTINGS.forecast_max_sessions,
+                                                  SETTINGS.forecast_session_ttl_s)
         started = time.perf_counter()
         request = ForecastRequest(rows=warm_up_rows(self.model_spec))
         for batch_size in (1, SETTINGS.forecast_max_batch_size):
@@ -424,13 +426,6 @@ class WindowModel:
 
     def forecast(self, requests: list[ForecastRequest]) -> list[WindowResult]:
         return forecast_windows(self.model, self.model_spec, requests, self.device)
-
-    @functools.cached_property
-    def public_spec(self) -> ForecastSpec:
-        return self.model_spec.public(SETTINGS.forecast_max_sessions, SETTINGS.forecast_session_ttl_s)
-
-    def spec(self) -> ForecastSpec:
-        return self.public_spec
 
 
 @bentoml.service(
@@ -458,7 +453,6 @@ class Forecast:
                                                         self.windows.model_info)
         self.store = SessionStore(self.model, self.model_spec, SETTINGS.forecast_max_sessions,
                                   SETTINGS.forecast_session_ttl_s, device=self.device)
-        self._ready = False
         self._warm_up_sessions()
         self._stop = threading.Event()
         threading.Thread(target=self._expire_loop, name="forecast-session-ttl", daemon=True).start()
@@ -473,7 +467,6 @@ class Forecast:
             _, state = self.model.sequence(x, self.model.initial_state(1))
             for batch_size in (1, SETTINGS.forecast_max_batch_size):
                 self.model.step(x[:, -1].expand(batch_size, -1), state.expand(-1, batch_size, -1))
-        self._ready = True
         logger.info("forecast sessions %s warmed up on %s in %.2f s", self.model_spec.version, self.device,
                     time.perf_counter() - started)
 
@@ -482,9 +475,6 @@ class Forecast:
         period = max(1.0, min(30.0, SETTINGS.forecast_session_ttl_s / 4))
         while not self._stop.wait(period):
             self.store.purge_expired()
-
-    def __is_ready__(self) -> bool:
-        return self._ready
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only for load/bench.py
@@ -524,7 +514,7 @@ class Forecast:
 
     @bentoml.api
     def spec(self) -> ForecastSpec:
-        return self.windows.spec()
+        return self.windows.public_spec
 
     @bentoml.api
     def info(self) -> ModelInfo:

@@ -128,10 +128,6 @@ class Sentiment:
         torch.set_num_threads(SETTINGS.sentiment_threads)
         self.runner = SentimentModel(self.bento_model, SETTINGS.torch_device())
         self.model_info = self.runner.model_info
-        self._ready = True
-
-    def __is_ready__(self) -> bool:
-        return self._ready
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only to measure what batching buys (load/bench.py)
