@@ -67,3 +67,19 @@ def export(module: nn.Module, directory: str | Path, metadata: dict[str, Any]) -
     full = {**metadata, "sha256": sha256_file(model_path), "file": MODEL_FILE}
     (directory / METADATA_FILE).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     return full
+
+
+def load_weights(model: nn.Module, scripted: torch.jit.ScriptModule, metadata: dict[str, Any],
+                 source: str | Path) -> None:
+    """Copies an exported artifact's weights into the eager ``model`` to continue training
+    (``--init-from``); the caller checks first that vocabularies and configs match.
+
+    TorchScript's ``state_dict`` also lists the module's non-persistent buffers (fixed tables the
+    eager model rebuilds itself); those are skipped, every other key must match exactly.
+    """
+    buffers = {name for name, _ in scripted.named_buffers()}
+    wanted = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in scripted.state_dict().items()
+                           if k in wanted or k not in buffers})
+    print(f"initialised from {source} "
+          f"({metadata['metrics'].get('train_seconds', '?')} s trained before)", flush=True)

@@ -33,7 +33,7 @@ from models.text import PAD_ID, Vocab, build_vocab, tokenize
 from services.images import PREPROCESS
 from training import scenes as scene_gen
 from training.config import parse_config, to_dict
-from training.export import export, sha256_file
+from training.export import export, load_weights, sha256_file
 from training.loop import fit, seed_everything
 
 DATA = Path(__file__).parent / "data" / "captioning"
@@ -270,12 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         if previous_meta["model_config"] != json.loads(json.dumps(model_config.to_dict())):
             raise ValueError(f"{config.init_from} has model config {previous_meta['model_config']}, "
                              f"not {model_config.to_dict()}")
-        # TorchScript's state_dict also lists the non-persistent buffers (fixed coordinates and
-        # masks the model rebuilds itself); load exactly the keys the eager model saves.
-        wanted = model.state_dict().keys()
-        model.load_state_dict({k: v for k, v in previous.state_dict().items() if k in wanted})
-        print(f"initialised from {config.init_from} "
-              f"({previous_meta['metrics'].get('train_seconds', '?')} s trained before)", flush=True)
+        load_weights(model, previous, previous_meta, config.init_from)
     rng = np.random.default_rng(config.seed)
     val = splits["val"]
     val_batches = make_batches(val, vocab, mean, std, 256, rng=None)

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from models.rnn import pad_sequences
 from models.translate import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TranslateConfig, Translator
 from training.config import parse_config, to_dict
-from training.export import export, sha256_file
+from training.export import export, load_weights, sha256_file
 from training.loop import fit, seed_everything
 
 DATA = Path(__file__).parent / "data" / "translation"
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                 src_tokenizer.to_str(), tgt_tokenizer.to_str()):
             raise ValueError(f"{config.init_from} was trained with other tokenizers; "
                              "use the same data and vocabulary settings")
-        model.load_state_dict(previous.state_dict())
-        print(f"initialised from {config.init_from} "
-              f"({previous_meta['metrics'].get('train_seconds', '?')} s trained before)", flush=True)
+        load_weights(model, previous, previous_meta, config.init_from)
     print(f"parameters {sum(p.numel() for p in model.parameters()):,}", flush=True)
     rng = random.Random(config.seed)
     dev_batches = list(train_batches(dev, config.eval_batch_size, random.Random(0)))
