@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 logger = logging.getLogger(__name__)
-_applied = False
+PATCHED = "__rnnserve_patched__"  # set on a patched class, so that a second call changes nothing
 
 
 def cache_response_media_types() -> None:
@@ -21,13 +21,12 @@ def cache_response_media_types() -> None:
     load that was 18% of the sentiment worker's CPU (py-spy, ``python -m load.bench --profile``).
     The answer depends only on the class, so it is computed once per class.
     """
-    global _applied
-    if _applied:
-        return
     try:
         from _bentoml_sdk.io_models import IOMixin
     except ImportError:  # another BentoML layout: nothing to patch
         logger.warning("BentoML's IOMixin not found; response media types are not cached")
+        return
+    if getattr(IOMixin, PATCHED, False):
         return
     compute = IOMixin.mime_type.__func__
     cache: dict[type, str] = {}
@@ -40,7 +39,7 @@ def cache_response_media_types() -> None:
             return value
 
     IOMixin.mime_type = classmethod(mime_type)
-    _applied = True
+    setattr(IOMixin, PATCHED, True)
 
 
 def cache_bound_api_functions() -> None:
@@ -56,7 +55,7 @@ def cache_bound_api_functions() -> None:
     except ImportError:
         logger.warning("BentoML's APIMethod not found; bound API functions are not cached")
         return
-    if getattr(APIMethod, "__rnnserve_cached__", False):
+    if getattr(APIMethod, PATCHED, False):
         return
     build = APIMethod._local_call
     cache: dict[tuple[object, int], tuple[object, object]] = {}
@@ -71,7 +70,7 @@ def cache_bound_api_functions() -> None:
         return bound
 
     APIMethod._local_call = _local_call
-    APIMethod.__rnnserve_cached__ = True
+    setattr(APIMethod, PATCHED, True)
 
 
 cache_response_media_types()

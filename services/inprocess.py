@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from bentoml._internal.context import server_context
 from bentoml.exceptions import ServiceUnavailable
 
 from services.artifacts import ArtifactError
@@ -118,8 +119,6 @@ class Batcher(Generic[Item, Result]):
         return out
 
     def _observe(self, requests: int) -> None:
-        from bentoml._internal.context import server_context
-
         self._histogram.labels(runner_name=self.name, worker_index=server_context.worker_index,
                                method_name=self.method_name, service_version=server_context.bento_version,
                                service_name=server_context.bento_name).observe(requests)
