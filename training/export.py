@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.artifacts import METADATA_FILE, MODEL_FILE, sha256_file
+from services.artifacts import METADATA_FILE, MODEL_FILE, load_artifact, sha256_file
+from training.config import to_dict
 
 __all__ = ["METADATA_FILE", "MODEL_FILE", "export", "script", "sha256_file"]
 
@@ -83,3 +84,19 @@ def load_weights(model: nn.Module, scripted: torch.jit.ScriptModule, metadata: d
                            if k in wanted or k not in buffers})
     print(f"initialised from {source} "
           f"({metadata['metrics'].get('train_seconds', '?')} s trained before)", flush=True)
+
+
+def export_and_reload(model: nn.Module, directory: str | Path, metadata: dict[str, Any],
+                      config: Any) -> tuple[dict[str, Any], torch.jit.ScriptModule, dict[str, Any]]:
+    """Exports ``model``, writes the training config beside it (``train_config.json``) and loads the
+    artifact back, checksum-verified, as serving will: the caller then checks that the scripted
+    module reproduces the eager one before anything serves it.
+
+    Returns:
+        The metadata as written (with sha256), the reloaded scripted module and its metadata.
+    """
+    directory = Path(directory)
+    full = export(model, directory, metadata)
+    (directory / "train_config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
+    scripted, loaded = load_artifact(directory, expected_sha256=full["sha256"])
+    return full, scripted, loaded

@@ -33,7 +33,7 @@ from models.text import PAD_ID, Vocab, build_vocab, tokenize
 from services.images import PREPROCESS
 from training import scenes as scene_gen
 from training.config import parse_config, to_dict
-from training.export import export, load_weights, sha256_file
+from training.export import export_and_reload, load_weights, sha256_file
 from training.loop import fit, seed_everything
 
 DATA = Path(__file__).parent / "data" / "captioning"
@@ -338,13 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dry_run": config.dry_run,
     }
     out_dir = Path(config.out_dir)
-    full = export(model, out_dir, metadata)
-    (out_dir / "train_config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
-
     # Reload the artifact and check it reproduces the eager model before anything serves it.
-    from services.artifacts import load_artifact
-
-    scripted, loaded = load_artifact(out_dir, expected_sha256=full["sha256"])
+    full, scripted, loaded = export_and_reload(model, out_dir, metadata, config)
     images, inputs, _ = val_batches[0]
     with torch.no_grad():
         torch.testing.assert_close(scripted(images, inputs), model(images, inputs))

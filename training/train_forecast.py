@@ -22,7 +22,7 @@ import torch
 
 from models.forecast import FEATURES, ForecastConfig, ForecastRNN, pinball_loss
 from training.config import parse_config, to_dict
-from training.export import export, sha256_file
+from training.export import export_and_reload, sha256_file
 from training.forecast_data import (
     chronological_split,
     feature_matrix,
@@ -208,13 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dry_run": config.dry_run,
     }
     out_dir = Path(config.out_dir)
-    full = export(model, out_dir, metadata)
-    (out_dir / "train_config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
-
     # Reload the artifact and check that it reproduces the eager model before anything serves it.
-    from services.artifacts import load_artifact
-
-    scripted, _ = load_artifact(out_dir, expected_sha256=full["sha256"])
+    full, scripted, _ = export_and_reload(model, out_dir, metadata, config)
     x = sets["test"][1][:8]
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))

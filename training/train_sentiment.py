@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from models.rnn import pad_sequences
 from models.sentiment import SentimentConfig, SentimentRNN
 from models.text import UNK_ID, Vocab, build_vocab
 from training.config import parse_config, to_dict
-from training.export import export, sha256_file
+from training.export import export_and_reload, sha256_file
 from training.loop import fit, seed_everything
 
 DATA = Path("training") / "data" / "sst2"  # relative to the repository root, where make runs
@@ -152,13 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dry_run": config.dry_run,
     }
     out_dir = Path(config.out_dir)
-    full = export(model, out_dir, metadata)
-    (out_dir / "train_config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
-
     # Reload the artifact and check that it reproduces the eager model before anything serves it.
-    from services.artifacts import load_artifact
-
-    scripted, loaded = load_artifact(out_dir, expected_sha256=full["sha256"])
+    full, scripted, loaded = export_and_reload(model, out_dir, metadata, config)
     tokens, lengths, _ = dev_batches[0]
     with torch.no_grad():
         torch.testing.assert_close(scripted(tokens, lengths), model(tokens, lengths))

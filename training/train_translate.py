@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from models.rnn import pad_sequences
 from models.translate import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TranslateConfig, Translator
 from training.config import parse_config, to_dict
-from training.export import export, load_weights, sha256_file
+from training.export import export_and_reload, load_weights, sha256_file
 from training.loop import fit, seed_everything
 
 DATA = Path(__file__).parent / "data" / "translation"
@@ -356,13 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dry_run": config.dry_run,
     }
     out_dir = Path(config.out_dir)
-    full = export(model, out_dir, metadata)
-    (out_dir / "train_config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
-
     # Reload the artifact and check that it decodes exactly like the eager model before anything serves it.
-    from services.artifacts import load_artifact
-
-    scripted, loaded = load_artifact(out_dir, expected_sha256=full["sha256"])
+    full, scripted, loaded = export_and_reload(model, out_dir, metadata, config)
     src, src_lengths, _, _ = dev_batches[0]
     with torch.inference_mode():
         for got, want in zip(scripted.beam_search(src, src_lengths, 4, 30, 1.0, True),
