@@ -1,7 +1,9 @@
-"""Per-request overhead removed from BentoML 1.4's serving path, found by profiling (load/RESULTS.md).
+"""BentoML 1.4.40 changed in two ways: no request ever makes the server fetch a URL, and per-request
+overhead found by profiling (load/RESULTS.md) is removed.
 
-Applied once, at import, by every service module that needs it; each patch is idempotent and keeps
-BentoML's behaviour, only not recomputing what cannot change between requests.
+Applied once, at import, by every service module that needs it; each patch is idempotent. The
+performance patches keep BentoML's behaviour, only not recomputing what cannot change between
+requests; ``refuse_remote_inputs`` removes a behaviour on purpose (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -73,5 +75,41 @@ def cache_bound_api_functions() -> None:
     setattr(APIMethod, PATCHED, True)
 
 
+def refuse_remote_inputs() -> None:
+    """Makes BentoML's request parsing refuse a URL where it expects a file, instead of fetching it.
+
+    BentoML 1.4.40 downloads the URL when a file-typed input (``pathlib.Path``, an image, a file) of
+    a multipart form arrives as a text part (``MultipartSerde.ensure_file``) or when the JSON body of
+    a root file input is a URL (``JSONSerde.parse_request``). Its private-address block is a
+    process-wide switch that concurrent requests undo, and the download has no size bound: an
+    outside probe made the server fetch loopback services and 300 MB bodies. This server never opens
+    an outbound connection because of a request, so both now answer 400 without connecting.
+    """
+    try:
+        from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
+        from bentoml.exceptions import BadInput
+        from starlette.datastructures import UploadFile
+    except ImportError as exc:  # refuse to serve rather than serve with the download path open
+        raise RuntimeError("BentoML's serde layout changed; services/bentoml_patches.py must be updated "
+                           "before file inputs can be served safely") from exc
+    if getattr(MultipartSerde, PATCHED, False):
+        return
+
+    async def ensure_file(obj: object) -> UploadFile:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise BadInput("A file field was sent as a text value; send the file itself as a multipart "
+                       "file part (with a filename). URLs are never fetched.")
+
+    async def parse_request(self, request, cls):
+        body = await request.body()  # BentoML's version, without the download of a URL body
+        return self.deserialize_model(Payload((body,), metadata=request.headers), cls)
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+    JSONSerde.parse_request = parse_request
+    setattr(MultipartSerde, PATCHED, True)
+
+
 cache_response_media_types()
 cache_bound_api_functions()
+refuse_remote_inputs()

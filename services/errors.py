@@ -240,9 +240,36 @@ def _locate_problem(value: Any, max_depth: int) -> Problem | None:
     return None
 
 
-async def check_multipart(body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> Problem | None:
-    """Refuses a multipart body that does not parse (BentoML's parser error would be a 500)."""
-    from starlette.datastructures import Headers
+@dataclass(frozen=True)
+class FormSpec:
+    """The fields a multipart endpoint declares, and which of them are files."""
+
+    fields: frozenset[str]
+    file_fields: frozenset[str]
+    max_text_bytes: int = SETTINGS.max_form_field_bytes
+
+    def describe(self) -> str:
+        return ", ".join(sorted(self.fields))
+
+
+def form_specs(service: Any) -> dict[str, FormSpec]:
+    """Route -> FormSpec of every API of ``service`` that takes a file (multipart/form-data)."""
+    specs = {}
+    for method in getattr(service, "apis", {}).values():
+        file_fields = frozenset(getattr(method.input_spec, "multipart_fields", ()) or ())
+        if file_fields:
+            specs[method.route] = FormSpec(frozenset(method.input_spec.model_fields), file_fields)
+    return specs
+
+
+async def check_multipart(body: bytes, raw_headers: list[tuple[bytes, bytes]],
+                          spec: FormSpec | None = None) -> Problem | None:
+    """Refuses a multipart body that does not parse (BentoML's parser error would be a 500) and,
+    given the endpoint's ``spec``, one whose fields are not what it declares: an unknown field, a
+    file field sent as a text value (BentoML would fetch it as a URL), a text field sent as a file,
+    a field sent twice, or a text value longer than the spec allows.
+    """
+    from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def stream() -> Any:
@@ -257,8 +284,33 @@ async def check_multipart(body: bytes, raw_headers: list[tuple[bytes, bytes]]) -
     except (ValueError, KeyError) as exc:  # no boundary, bad header encoding
         return Problem(400, "invalid_multipart", f"The multipart/form-data body does not parse: "
                        f"{type(exc).__name__}.", "Content-Type")
-    await form.close()
-    return None
+    try:
+        if spec is None:
+            return None
+        for name in dict.fromkeys(form.keys()):
+            shown = json.dumps(name)[:80]  # a client's text: quoted, so it cannot break a log line
+            if name not in spec.fields:
+                return Problem(400, "unknown_field", f"Unknown form field {shown}; this endpoint takes "
+                               f"{spec.describe()}.", name[:80])
+            values = form.getlist(name)
+            if len(values) > 1:
+                return Problem(400, "invalid_multipart", f"Form field {shown} was sent {len(values)} "
+                               "times; send it once.", name)
+            [value] = values
+            if name in spec.file_fields and not isinstance(value, UploadFile):
+                return Problem(400, "invalid_multipart", f"Form field {shown} must be a file part (with a "
+                               "filename), not a text value; URLs are never fetched.", name)
+            if name not in spec.file_fields:
+                if isinstance(value, UploadFile):
+                    return Problem(400, "invalid_multipart", f"Form field {shown} must be a text value, "
+                                   "not a file part.", name)
+                if len(value.encode()) > spec.max_text_bytes:
+                    return Problem(400, "invalid_multipart", f"Form field {shown} is "
+                                   f"{len(value.encode()):,} bytes; the limit for a text field is "
+                                   f"{spec.max_text_bytes} bytes.", name)
+        return None
+    finally:
+        await form.close()
 
 
 def token_ok(headers: dict[bytes, bytes], token: str) -> bool:
@@ -472,6 +524,7 @@ class GuardMiddleware:
         paths = SETTINGS.api_token_paths.split(",") if token_paths is None else token_paths
         self.token_paths = tuple(p.strip() for p in paths if p.strip())
         self.in_flight = 0
+        self.forms = form_specs(service)
 
     # Sending -------------------------------------------------------------------------------------
 
@@ -572,7 +625,7 @@ class GuardMiddleware:
             if content_type == b"application/json" and body:
                 problem = check_json(body, self.max_json_depth)
             elif content_type == b"multipart/form-data":
-                problem = await check_multipart(body, scope["headers"])
+                problem = await check_multipart(body, scope["headers"], self.forms.get(path))
             if problem is not None:
                 await self._refuse(send, problem)
                 return

@@ -95,6 +95,9 @@ class Settings:
     # in api_token_paths (the state-changing session endpoints) need "Authorization: Bearer <token>".
     max_body_bytes: int = 1 << 20
     max_json_depth: int = 32
+    # A text field of a multipart form (beam_size, max_length of /v1/caption/upload) holds a small
+    # option; a longer value is refused with 400 before BentoML parses it.
+    max_form_field_bytes: int = 64
     max_in_flight: int = 256
     # Connections the kernel queues for the entry before a worker accepts them (listen backlog;
     # BentoML's default is 2048, its minimum 64). Requests waiting there are invisible to

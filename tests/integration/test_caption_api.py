@@ -230,3 +230,60 @@ def test_spec_models_and_openapi_document_captioning(client):
     for route in ("/v1/caption", "/v1/caption/upload", "/v1/caption/stream", "/v1/caption/spec"):
         assert route in paths, route
     assert np.isfinite(fresh["bleu4"])
+
+
+def test_a_url_sent_as_the_image_field_is_refused_and_never_fetched(client):
+    """SSRF probe: ``-F image=http://...`` made BentoML download the URL from the server."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    connections: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connections.append(connection)
+            connection.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/scene.png"
+    shapes = [{"image": (None, url)}, {"image": (None, url), "beam_size": (None, "1")},
+              {"image": (None, url.encode(), "image/png")}]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(
+                lambda i: post_retrying_503(client, "/v1/caption/upload", files=shapes[i % len(shapes)]),
+                range(48)))
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    for response in responses:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid_multipart", "image"), error
+        assert "never fetched" in error["message"]
+    assert connections == []
+
+
+def test_upload_form_fields_are_checked_before_bentoml_parses_them(client):
+    cases = [
+        ({"beam_sise": (None, "3")}, "unknown_field", "beam_sise"),
+        ({"beam_size": ("b.bin", b"\xff\xfe\x00", "application/octet-stream")}, "invalid_multipart",
+         "beam_size"),
+        ({"max_length": (None, "9" * 5000)}, "invalid_multipart", "max_length"),
+    ]
+    for extra, code, field in cases:
+        files = {"image": ("scene.png", scene_file(4), "image/png"), **extra}
+        response = post_retrying_503(client, "/v1/caption/upload", files=files)
+        assert response.status_code == 400, response.text
+        assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (code, field)

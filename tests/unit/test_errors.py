@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -420,3 +421,96 @@ def test_the_fast_json_walk_agrees_with_the_one_that_names_the_field():
         assert fast == (_locate_problem(candidate, max_depth) is None), (candidate, max_depth)
         verdicts.add(fast)
     assert verdicts == {True, False}  # both outcomes were exercised
+
+
+def multipart(*parts: tuple[str, str | None, bytes], extra: str = "") -> tuple[bytes, dict[str, str]]:
+    """A multipart body of (name, filename or None, value) parts; ``extra`` goes into each header."""
+    boundary = "b0undary5ee"
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "") + extra
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+
+def test_an_upload_form_must_match_the_fields_the_endpoint_declares():
+    from services.errors import FormSpec
+
+    spec = FormSpec(frozenset({"image", "beam_size", "max_length"}), frozenset({"image"}), 8)
+    app = guard(max_body_bytes=100_000)
+    app.forms = {"/v1/upload": spec}
+    cases = {
+        "url as text": ([("image", None, b"http://127.0.0.1:9/x.png")], 400, "invalid_multipart", "image"),
+        "unknown": ([("image", "a.png", b"PNG"), ("beam_sise", None, b"3")], 400, "unknown_field",
+                    "beam_sise"),
+        "binary option": ([("image", "a.png", b"PNG"), ("beam_size", "b.bin", b"\xff\xfe")], 400,
+                          "invalid_multipart", "beam_size"),
+        "long option": ([("image", "a.png", b"PNG"), ("max_length", None, b"9" * 5000)], 400,
+                        "invalid_multipart", "max_length"),
+        "at the limit": ([("image", "a.png", b"PNG"), ("max_length", None, b"9" * 8)], 200, None, None),
+        "twice": ([("image", "a.png", b"PNG"), ("image", "b.png", b"PNG")], 400, "invalid_multipart",
+                  "image"),
+        "valid": ([("image", "a.png", b"PNG"), ("beam_size", None, b"2")], 200, None, None),
+    }
+    requests = []
+    for parts, *_ in cases.values():
+        body, headers = multipart(*parts)
+        requests.append({"method": "POST", "url": "/v1/upload", "content": body, "headers": headers})
+    for (name, (_, status, code, field)), response in zip(cases.items(), run(app, *requests), strict=True):
+        if code is None:
+            assert response.status_code == status, (name, response.text)
+            continue
+        body = assert_shape(response, status, code)
+        assert body["error"]["field"] == field, (name, body)
+
+
+def test_a_file_part_named_only_by_filename_star_is_not_a_file():
+    """RFC 7578 forbids ``filename*``; Starlette reads such a part as text, so it is refused as one."""
+    from services.errors import FormSpec
+
+    app = guard()
+    app.forms = {"/v1/upload": FormSpec(frozenset({"image"}), frozenset({"image"}))}
+    body, headers = multipart(("image", None, b"\x89PNG"), extra="; filename*=UTF-8''a.png")
+    [response] = run(app, {"method": "POST", "url": "/v1/upload", "content": body, "headers": headers})
+    assert assert_shape(response, 400, "invalid_multipart")["error"]["field"] == "image"
+
+
+def test_bentoml_never_fetches_a_url_given_for_a_file_input():
+    """The patched serde (services/bentoml_patches.py) refuses without opening any connection."""
+    import socket
+
+    from _bentoml_impl.serde import JSONSerde, MultipartSerde
+    from bentoml.exceptions import BadInput
+    from starlette.requests import Request
+
+    import services.bentoml_patches  # noqa: F401 - applies the patch
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    with pytest.raises(BadInput, match="URLs are never fetched"):
+        asyncio.run(MultipartSerde.ensure_file(url))
+
+    from _bentoml_sdk.io_models import IODescriptor
+
+    def root(self, image: Path, /) -> str:
+        return ""
+
+    descriptor = IODescriptor.from_input(root, skip_self=True)
+    assert descriptor.multipart_fields  # a root file input: BentoML would download a URL body
+
+    async def receive():
+        return {"type": "http.request", "body": url.encode(), "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""},
+                      receive)
+    with pytest.raises(Exception) as raised:
+        asyncio.run(JSONSerde().parse_request(request, descriptor))
+    assert not isinstance(raised.value, AssertionError)
+    with pytest.raises(BlockingIOError):  # nothing ever connected to the listener
+        listener.accept()
+    listener.close()
