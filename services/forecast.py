@@ -90,9 +90,15 @@ class ModelSpec:
 
 
 def business_dates(last: dt.date, count: int) -> list[dt.date]:
-    """The ``count`` weekdays after ``last`` (exchange holidays are not known and not skipped)."""
+    """The ``count`` weekdays after ``last`` (exchange holidays are not known and not skipped).
+
+    Raises ``ValueError`` when one of them is past 9999-12-31 (numpy then gives an int, not a date).
+    """
     days = np.busday_offset(np.datetime64(last, "D"), np.arange(1, count + 1), roll="backward")
-    return [d.astype(dt.date) for d in days]
+    dates = [d.astype(dt.date) for d in days]
+    if not all(isinstance(d, dt.date) for d in dates):
+        raise ValueError(f"the forecast dates after {last} are past {dt.date.max}")
+    return dates
 
 
 def row_features(rows: Sequence[Bar]) -> list[list[float]]:
@@ -362,6 +368,13 @@ class SessionStore:
                 FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "invalid").inc()
                 continue
             if last is None:  # the first bar only provides the previous close for the next one
+                try:  # ... and a later bar's forecast must have dates
+                    business_dates(item.bar.date, 1)
+                except ValueError as exc:
+                    results[i] = SessionResult(error="invalid", message=f"{exc}; the session was not "
+                                               "changed")
+                    FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "invalid").inc()
+                    continue
                 found.last_bar, found.bars_seen = item.bar, 1
                 self._touch(found)
                 results[i] = SessionResult(session=self._info(found))
@@ -370,6 +383,38 @@ class SessionStore:
             runnable.append((i, found))
         if not runnable:
             return
+        try:
+            outcomes = self._step_rows(items, runnable)
+        except Exception:  # a batch-wide failure: step each row alone, so only its culprit fails
+            logger.exception("forecast: a batched step of %d sessions failed; stepping them one by one",
+                             len(runnable))
+            outcomes = []
+            for row in runnable:
+                try:
+                    outcomes += self._step_rows(items, [row])
+                except Exception:
+                    logger.exception("forecast: the step of one session failed")
+                    outcomes.append(SessionResult(error="invalid", message=(
+                        "this bar could not be applied; the session was not changed")))
+        # Apply only now, when every row's answer is computed: a row either applies fully or not at all.
+        for (i, session), outcome in zip(runnable, outcomes, strict=True):
+            if isinstance(outcome, SessionResult):
+                results[i] = outcome
+                FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "invalid").inc()
+                continue
+            session.state, session.next = outcome
+            session.last_bar = items[i].bar
+            session.bars_seen += 1
+            self._touch(session)
+            results[i] = SessionResult(session=self._info(session))
+            FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "ok").inc()
+
+    def _step_rows(self, items: Sequence[StepItem], runnable: list[tuple[int, Session]]
+                   ) -> list[tuple[torch.Tensor, DayForecast] | SessionResult]:
+        """One batched ``model.step`` for ``runnable``; each row's (new state, next forecast) or error.
+
+        Changes no session: the caller applies the outcomes.
+        """
         features = [bar_features(s.last_bar.close, s.last_bar.volume, items[i].bar.open, items[i].bar.high,
                                  items[i].bar.low, items[i].bar.close, items[i].bar.volume)
                     for i, s in runnable]
@@ -379,21 +424,21 @@ class SessionStore:
         quantiles, states = self.model.step(x, states)  # (B, Q), (S*layers, B, H)
         INFERENCE_SECONDS.labels(NAME).observe(time.perf_counter() - started)
         quantiles = quantiles.cpu().numpy()
-        for row, (i, session) in enumerate(runnable):
-            bar = items[i].bar
+        outcomes: list[tuple[torch.Tensor, DayForecast] | SessionResult] = []
+        for row, (i, _) in enumerate(runnable):
             if not (np.isfinite(quantiles[row]).all() and bool(torch.isfinite(states[:, row]).all())):
-                results[i] = SessionResult(error="invalid", message=(
+                outcomes.append(SessionResult(error="invalid", message=(
                     "this bar makes the model's output non-finite; check it for extreme values. "
-                    "The session was not changed"))
-                FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "invalid").inc()
+                    "The session was not changed")))
                 continue
-            session.state = states[:, row:row + 1].clone()  # (S*layers, 1, H)
-            session.last_bar = bar
-            session.bars_seen += 1
-            session.next = self._next(bar, quantiles[row])
-            self._touch(session)
-            results[i] = SessionResult(session=self._info(session))
-            FORECAST_SESSION_STEPS_TOTAL.labels(self.model_name, "ok").inc()
+            try:
+                next_forecast = self._next(items[i].bar, quantiles[row])
+            except ValueError as exc:
+                outcomes.append(SessionResult(error="invalid", message=(
+                    f"{exc}; the session was not changed")))
+                continue
+            outcomes.append((states[:, row:row + 1].clone(), next_forecast))  # (S*layers, 1, H)
+        return outcomes
 
 
 def warm_up_rows(spec: ModelSpec) -> list[Bar]:

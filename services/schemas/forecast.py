@@ -20,6 +20,8 @@ from services.settings import SETTINGS
 MAX_ROWS = SETTINGS.forecast_max_rows
 # Price bounds keep every log return finite: log(MAX_PRICE / MIN_PRICE) is about 35.
 MIN_PRICE, MAX_PRICE, MAX_VOLUME = 1e-6, 1e9, 1e15
+# Bar dates: beyond these no market data exists, and past 9999-12-31 no forecast date can be named.
+MIN_DATE, MAX_DATE = dt.date(1800, 1, 1), dt.date(2999, 12, 31)
 MAX_HORIZON = 64  # a sanity bound for the schema; the model's own H is checked in check_forecast
 DISCLAIMER = ("Research/demo forecast from a small model on Yahoo Finance data; not trading or "
               "investment advice.")
@@ -37,7 +39,8 @@ class Bar(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": EXAMPLE_BAR})
 
-    date: dt.date = Field(description="Trading day, ISO format YYYY-MM-DD.", examples=["2025-07-01"])
+    date: dt.date = Field(ge=MIN_DATE, le=MAX_DATE, examples=["2025-07-01"],
+                          description=f"Trading day, ISO format YYYY-MM-DD, from {MIN_DATE} to {MAX_DATE}.")
     open: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Opening price (> 0).")
     high: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Highest price (>= low).")
     low: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False, description="Lowest price (> 0).")

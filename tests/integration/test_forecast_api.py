@@ -194,6 +194,7 @@ BAD_STEPS = [
     ("NaN close", bad_bar(close="NaN"), 400, "finite number"),
     ("high below low", bad_bar(high=1.0), 400, "is below low"),
     ("negative price", bad_bar(open=-1.0), 400, "greater than 0"),
+    ("far date", {**EXAMPLE_BARS[30], "date": "9999-12-31"}, 400, "bar.date"),
 ]
 
 
@@ -206,6 +207,27 @@ def test_bad_step_is_a_4xx_and_never_changes_the_session(client, case, bar, stat
     assert message in response.text
     after = client.post(f"{SESSIONS}/export", json={"session_id": session_id}).json()
     assert after == before
+
+
+def test_a_far_date_among_concurrent_steps_fails_alone_and_changes_nothing(client, server):
+    """The probe: a 9999-12-31 step sent with 15 valid ones failed its batch neighbours and advanced
+    sessions it answered 400 for. Each answer must match what happened to its session."""
+    sessions = [create(client, EXAMPLE_BARS[:30])["session_id"] for _ in range(16)]
+    exports = [client.post(f"{SESSIONS}/export", json={"session_id": s}).json() for s in sessions]
+
+    def one(i: int) -> httpx.Response:
+        bar = {**EXAMPLE_BARS[30], "date": "9999-12-31"} if i == 0 else EXAMPLE_BARS[30]
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            return step(http, sessions[i], bar)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(one, range(16)))
+    assert responses[0].status_code == 400 and responses[0].json()["error"]["field"] == "bar.date"
+    assert [r.status_code for r in responses[1:]] == [200] * 15, [r.text for r in responses[1:]]
+    assert {r.json()["bars_seen"] for r in responses[1:]} == {31}
+    after = client.post(f"{SESSIONS}/export", json={"session_id": sessions[0]}).json()
+    assert after == exports[0]
+    assert step(client, sessions[0], EXAMPLE_BARS[30]).json()["bars_seen"] == 31  # not stuck
 
 
 def test_exported_state_resumes_in_a_new_session(client):

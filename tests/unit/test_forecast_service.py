@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.forecast import FEATURES, ForecastConfig, ForecastRNN
+from models.forecast import FEATURES, ForecastConfig, ForecastRNN, bar_features
 from services.forecast import (
     ModelSpec,
     SessionStore,
@@ -323,3 +323,93 @@ def test_import_rejects_foreign_or_broken_states(model, spec, changes, message):
     exported = sessions.export(sessions.create(BARS[:5]).session.session_id).state
     result = sessions.import_state(exported.model_copy(update=changes))
     assert result.error == "invalid" and message in result.message
+
+
+class PoisonedStep:
+    """The scripted model, except that ``step`` raises for a whole batch holding the ``poison``
+    feature row: a stand-in for any batch-wide failure of the model call."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.poison = torch.full((len(FEATURES),), float("nan"))  # matches no row
+
+    def initial_state(self, batch_size: int):
+        return self.model.initial_state(batch_size)
+
+    def sequence(self, x, state):
+        return self.model.sequence(x, state)
+
+    def step(self, x, state):
+        if (x == self.poison).all(dim=1).any():
+            raise RuntimeError("poisoned batch")
+        return self.model.step(x, state)
+
+
+def snapshot(sessions: SessionStore, session_id: str):
+    exported = sessions.export(session_id).state
+    return exported.model_dump()
+
+
+def test_a_step_applies_fully_or_changes_nothing_and_never_fails_its_neighbours(model, spec):
+    """Every error the step path can raise, each beside valid steps of other sessions in one batch:
+    each valid step answers exactly as it would alone and advances once; each bad one answers its
+    error and leaves its session exactly as it was."""
+    poisoned = PoisonedStep(model)
+    sessions = store(poisoned, spec, max_sessions=64)
+    alone = store(model, spec, max_sessions=64)
+
+    def bar(base: Bar, **changes) -> Bar:
+        return Bar.model_construct(**{**base.model_dump(), **changes})  # past the schema, on purpose
+
+    far = dt.date(9999, 12, 30)  # a Thursday: the next bar, 9999-12-31, has no next business day
+    bad_steps = {
+        "not_found": lambda sid: StepItem(session_id="missing", bar=BARS[10]),
+        "same date": lambda sid: StepItem(session_id=sid, bar=BARS[9]),
+        "earlier date": lambda sid: StepItem(session_id=sid, bar=BARS[4]),
+        "non-finite": lambda sid: StepItem(session_id=sid, bar=bar(BARS[10], close=float("inf"),
+                                                                   high=float("inf"))),
+        "no forecast date": lambda sid: StepItem(session_id=sid,
+                                                 bar=bar(BARS[10], date=dt.date(9999, 12, 31))),
+        "model failure": lambda sid: StepItem(session_id=sid, bar=bar(BARS[10], volume=4242.0)),
+    }
+    for kind, make_bad in bad_steps.items():
+        history = BARS[:10]
+        if kind == "no forecast date":
+            history = [*BARS[:9], bar(BARS[9], date=far)]
+        bad_id = sessions.create(history).session.session_id
+        good_ids = [sessions.create(BARS[i:i + 10]).session.session_id for i in range(5)]
+        twin_ids = [alone.create(BARS[i:i + 10]).session.session_id for i in range(5)]
+        before = snapshot(sessions, bad_id)
+        good = [StepItem(session_id=sid, bar=BARS[i + 10]) for i, sid in enumerate(good_ids)]
+        bad = make_bad(bad_id)
+        batch = [*good[:2], bad, *good[2:]]
+        if kind == "model failure":
+            last = history[-1]
+            poisoned.poison = torch.tensor(bar_features(last.close, last.volume, bad.bar.open, bad.bar.high,
+                                                        bad.bar.low, bad.bar.close, bad.bar.volume))
+        results = sessions.step(batch)
+        assert results[2].error is not None, kind
+        assert "not changed" in results[2].message or kind == "not_found", (kind, results[2].message)
+        assert snapshot(sessions, bad_id) == before, kind
+        expected = [alone.step([StepItem(session_id=tid, bar=item.bar)])[0]
+                    for tid, item in zip(twin_ids, good, strict=True)]
+        for got, want in zip([*results[:2], *results[3:]], expected, strict=True):
+            assert got.error is None, (kind, got.message)
+            assert got.session.bars_seen == want.session.bars_seen == 11
+            assert got.session.last_date == want.session.last_date
+            assert_same_forecasts([got.session.next], [want.session.next])
+
+
+def test_a_first_bar_without_a_forecast_date_is_refused_and_changes_nothing(model, spec):
+    sessions = store(model, spec)
+    session_id = sessions.create().session.session_id
+    [result] = sessions.step([StepItem(session_id=session_id, bar=Bar.model_construct(
+        **{**BARS[0].model_dump(), "date": dt.date(9999, 12, 31)}))])
+    assert result.error == "invalid" and "past 9999-12-31" in result.message
+    assert sessions.get(session_id).session.bars_seen == 0
+
+
+@pytest.mark.parametrize("date", ["1799-12-31", "3000-01-01", "9999-12-31"])
+def test_bar_dates_outside_the_documented_range_are_refused_by_the_schema(date):
+    with pytest.raises(ValidationError, match="date"):
+        Bar.model_validate({**EXAMPLE_BARS[-1], "date": date})
