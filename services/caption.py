@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from bentoml.exceptions import BentoMLException
 
-from services.artifacts import load_stored_model
-from services.images import (
+from models.images import (
     FORMATS,
     PREPROCESS,
     DecodedImage,
@@ -33,6 +32,7 @@ from services.images import (
     decode_image,
     to_pixels,
 )
+from services.artifacts import load_stored_model
 from services.metrics import (
     CAPTION_DECODE_STEPS,
     CAPTION_IMAGE_BYTES,

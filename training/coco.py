@@ -6,7 +6,7 @@ The format is the one shipped in ``training/data/captioning/coco_mini_cc``::
 
 A file in the official COCO layout (``images`` with ``id``/``file_name`` and a separate
 ``annotations`` list of ``{"image_id", "caption"}``) is read too. Images go through the same
-deterministic conversion as served uploads (``services.images``), so training and serving see the
+deterministic conversion as served uploads (``models.images``), so training and serving see the
 same pixels.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.images import ImageLimits, decode_image, to_pixels
+from models.images import ImageLimits, decode_image, to_pixels
 
 LIMITS = ImageLimits(max_bytes=64 << 20, max_pixels=64 << 20)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.artifact import METADATA_FILE, load_artifact
 from training.config import parse_config
 from training.forecast_data import (
     Bars,
@@ -179,10 +180,9 @@ def draw_chart(series: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(EvaluateForecastConfig, argv, description=__doc__)
     torch.set_num_threads(1)
-    from services.artifacts import load_artifact
 
     model, metadata = load_artifact(config.artifact_dir)
-    sha256 = json.loads((Path(config.artifact_dir) / "metadata.json").read_text())["sha256"]
+    sha256 = json.loads((Path(config.artifact_dir) / METADATA_FILE).read_text())["sha256"]
     bars = read_yahoo_csv(config.csv_path)
     train_config = metadata["train_config"]
     split = chronological_split(bars, train_config["val_months"], train_config["test_months"])

@@ -1,18 +1,14 @@
 """TorchScript export: the one place training turns a module into a servable artifact.
 
-An artifact is a directory holding ``model.pt`` (TorchScript, with the metadata embedded as the extra
-file ``metadata.json``) and ``metadata.json`` beside it, which adds the file's sha256. TorchScript is
-deprecated upstream in favour of ``torch.export``; keeping export behind this one function (and
-loading behind ``services.artifacts.load_artifact``) keeps a later switch to two functions.
+The artifact's file format (``model.pt`` with the metadata embedded, ``metadata.json`` beside it with
+the sha256) is ``models/artifact.py``, which serving reads through the same module; this file adds
+what only training knows: scripting, the provenance fields, the training config and the reload check.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,24 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.artifacts import METADATA_FILE, MODEL_FILE, load_artifact, sha256_file
+from models.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    load_artifact,
+    save_artifact,
+    sha256_file,
+    torchscript_deprecation_silenced,
+)
 from training.config import to_dict
 
-__all__ = ["METADATA_FILE", "MODEL_FILE", "export", "script", "sha256_file"]
-
-
-@contextmanager
-def torchscript_deprecation_silenced() -> Iterator[None]:
-    """Silences TorchScript's 2.13 deprecation warnings, deliberately and only here.
-
-    The user asked for TorchScript artifacts; the warnings only say it is deprecated in favour of
-    ``torch.export``, which keeping export behind this module is there to make easy later.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*TorchScript.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*torch\.export.*", category=DeprecationWarning)
-        yield
+__all__ = ["METADATA_FILE", "MODEL_FILE", "export", "export_and_reload", "load_weights", "script",
+           "sha256_file"]
 
 
 def script(module: nn.Module) -> torch.jit.ScriptModule:
@@ -52,22 +42,13 @@ def export(module: nn.Module, directory: str | Path, metadata: dict[str, Any]) -
     ``metadata`` must be JSON-serialisable; it should hold everything serving needs (vocabulary,
     normalisation, limits), the training config, data checksums and evaluation metrics.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = {
         **metadata,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
-    embedded = json.dumps(metadata, sort_keys=True)
-    scripted = script(module)
-    model_path = directory / MODEL_FILE
-    with torchscript_deprecation_silenced():
-        torch.jit.save(scripted, str(model_path), _extra_files={METADATA_FILE: embedded})
-    full = {**metadata, "sha256": sha256_file(model_path), "file": MODEL_FILE}
-    (directory / METADATA_FILE).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
-    return full
+    return save_artifact(script(module), directory, metadata)
 
 
 def load_weights(model: nn.Module, scripted: torch.jit.ScriptModule, metadata: dict[str, Any],

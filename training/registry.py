@@ -15,7 +15,7 @@ from pathlib import Path
 
 import bentoml
 
-from training.export import METADATA_FILE, MODEL_FILE, sha256_file
+from models.artifact import METADATA_FILE, MODEL_FILE, sha256_file
 
 
 def register(name: str, directory: str | Path) -> str:

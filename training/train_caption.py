@@ -27,10 +27,11 @@ import sacrebleu
 import torch
 from torch.nn import functional as F
 
+from models.artifact import load_artifact
 from models.caption import BOS_ID, EOS_ID, CaptionConfig, Captioner, caption_vocab
+from models.images import PREPROCESS
 from models.rnn import pad_sequences
 from models.text import PAD_ID, Vocab, build_vocab, tokenize
-from services.images import PREPROCESS
 from training import scenes as scene_gen
 from training.config import parse_config, to_dict
 from training.export import export_and_reload, load_weights, sha256_file
@@ -243,8 +244,6 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = Vocab(caption_vocab(words))
     previous = previous_meta = None
     if config.init_from:
-        from services.artifacts import load_artifact
-
         previous, previous_meta = load_artifact(config.init_from)
         if previous_meta["vocab"] != vocab.itos:
             raise ValueError(f"{config.init_from} has another vocabulary; use the same data")

@@ -27,6 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch.nn import functional as F
 
+from models.artifact import load_artifact
 from models.rnn import pad_sequences
 from models.translate import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TranslateConfig, Translator
 from training.config import parse_config, to_dict
@@ -232,8 +233,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = Translator(model_config)
     if config.init_from:
-        from services.artifacts import load_artifact
-
         previous, previous_meta = load_artifact(config.init_from)
         if (previous_meta["src_tokenizer"], previous_meta["tgt_tokenizer"]) != (
                 src_tokenizer.to_str(), tgt_tokenizer.to_str()):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.images import ImageLimits, ImageRejectedError, decode_image, to_pixels
+from models.images import ImageLimits, ImageRejectedError, decode_image, to_pixels
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000)
 RGB = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))

@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from models.caption import EOS_ID, CaptionConfig, Captioner, caption_vocab
+from models.images import ImageLimits
 from services.caption import (
     Decoder,
     caption_images,
@@ -26,7 +27,6 @@ from services.caption import (
     stream_steps,
     to_batch,
 )
-from services.images import ImageLimits
 from services.schemas.caption import (
     CAPTION_EXAMPLE,
     EXAMPLE_IMAGE_BASE64,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.artifacts import load_artifact
+from models.artifact import load_artifact
 from training import train_caption
 from training.coco import load_coco, read_captions
 from training.train_caption import DATA, Split, caption_metrics

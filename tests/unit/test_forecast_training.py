@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from services.artifacts import load_artifact
+from models.artifact import load_artifact
 from training.forecast_data import (
     chronological_split,
     feature_matrix,

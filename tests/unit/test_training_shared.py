@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from services.artifacts import ArtifactError, load_artifact
+from models.artifact import ArtifactError, load_artifact
 from training.config import build_config, parse_config
 from training.export import export
 

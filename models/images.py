@@ -2,7 +2,8 @@
 
 Every check that can be made from the header is made before any pixel is decoded, so a decompression
 bomb (a small file that declares a huge image) costs nothing. Conversion is a fixed chain, recorded in
-the artifact metadata (``preprocess``), and shared by training (``training/coco.py``) and serving:
+the artifact metadata (``preprocess``), and shared by training (``training/coco.py``) and serving
+(``services/caption.py``); it lives in ``models/`` because both import it and neither imports the other:
 
 1. first frame only (animated WebP/PNG); EXIF orientation applied;
 2. mode to RGB: 16/32-bit grey scaled by its full range, alpha composited onto white, palette
