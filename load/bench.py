@@ -19,10 +19,11 @@ Per model:
 4. **Ratios**: service best / ceiling best; batched / unbatched at 64 clients; and p99 at half of the
    peak (an open-loop run at a constant half-peak rate) against 3 x max_latency_ms + one full batch.
 
-The load generator shares the machine with the server. It is one asyncio process (aiohttp): its CPU
-seconds and the server's (all its processes, from /proc) are measured for every run and printed, so
-the share of the cores each side used is on the table; ``--pin`` instead puts the server on the
-first CPU and the client on the second (``os.sched_setaffinity``).
+The load generator (``load/harness.py``, the reliability scripts' too) shares the machine with the
+server. It is one asyncio process (aiohttp): its CPU seconds and the server's (all its processes,
+from /proc) are measured for every run and printed, so the share of the cores each side used is on
+the table; ``--pin`` instead puts the server on the first CPU and the client on the second
+(``os.sched_setaffinity``).
 
 Length-aware batching (sentiment): padded positions and model time of batches of 64, with one model
 call against length groups (``services.batching.plan_groups``) on the dev mix and on a long-tail mix
@@ -54,8 +55,9 @@ import numpy as np
 import psutil
 import torch
 
-from load.harness import sentences, translate_sentences
-from tests.conftest import ROOT, Server
+from load.harness import closed_loop, cycle_requests, open_loop, sentences, translate_sentences
+from services.local_server import ROOT, Server, parse_metrics
+from services.workers import cpu_seconds_by_service, service_name_of
 
 REPORTS = ROOT / "load" / "reports"
 TSLA = ROOT / "training" / "data" / "stock" / "TSLA.csv"
@@ -117,8 +119,8 @@ Paths = dict[str, tuple[Callable[[list], object], list]]  # name -> (run one bat
 
 def sentiment_paths() -> tuple[Paths, dict]:
     """``model``: collate -> predict on token ids; ``helpers``: the whole ``classify`` on texts."""
+    from models.artifact import load_artifact
     from models.text import Vocab
-    from services.artifacts import load_artifact
     from services.batching import collate
     from services.sentiment import NAME, classify, predict
 
@@ -139,7 +141,7 @@ def sentiment_paths() -> tuple[Paths, dict]:
 
 def forecast_paths() -> tuple[Paths, dict, list[dict]]:
     """``model``: the many-to-one forward on feature windows; ``helpers``: ``forecast_windows``."""
-    from services.artifacts import load_artifact
+    from models.artifact import load_artifact
     from services.forecast import ModelSpec, forecast_windows, row_features
     from services.schemas.forecast import ForecastRequest
 
@@ -161,7 +163,7 @@ def forecast_paths() -> tuple[Paths, dict, list[dict]]:
 
 def translate_paths() -> tuple[Paths, dict, list[dict]]:
     """Greedy decoding. ``model``: collate -> greedy decode on ids; ``helpers``: ``translate``."""
-    from services.artifacts import load_artifact
+    from models.artifact import load_artifact
     from services.batching import collate
     from services.schemas.translate import TranslateItem
     from services.translate import NAME, Codec, decode_batch, translate
@@ -200,8 +202,8 @@ def ceiling(paths: Paths, seconds: float, seed: int = 0) -> dict[str, dict[int, 
 
 def grouping_study(seconds: float, seed: int = 0) -> dict:
     """Padded positions and model time of batches of 64 with and without length groups."""
+    from models.artifact import load_artifact
     from models.text import Vocab
-    from services.artifacts import load_artifact
     from services.batching import LengthGrouping, collate, padded_positions, plan_groups
     from services.sentiment import grouping_from_settings, predict
 
@@ -290,72 +292,7 @@ class LoadResult:
     requests_per_call: float = 0.0  # bentoml_service_adaptive_batch_size: requests merged per call
 
 
-def server_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds so far of the server's processes, by BentoML service name (``arbiter``: the rest)."""
-    out: dict[str, float] = Counter()
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        for process in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                cmdline = process.cmdline()
-                name = (cmdline[cmdline.index("--service-name") + 1] if "--service-name" in cmdline
-                        else "arbiter")
-                times = process.cpu_times()
-                out[name] += times.user + times.system
-    return out
-
-
-async def _load(url: str, route: str, bodies: list[dict], clients: int, seconds: float,
-                rate: float | None) -> tuple[list[float], Counter, float]:
-    """Closed loop (``rate`` None): ``clients`` loops; open loop: a request every 1/rate s."""
-    import aiohttp
-
-    latencies: list[float] = []
-    failures: Counter = Counter()
-    connector = aiohttp.TCPConnector(limit=0 if rate else clients, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
-
-        async def one(body: dict) -> None:
-            started = time.perf_counter()
-            try:
-                async with session.post(route, json=body) as response:
-                    await response.read()
-                    if response.status != 200:
-                        failures[str(response.status)] += 1
-                        return
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                failures[type(exc).__name__] += 1
-                return
-            latencies.append(time.perf_counter() - started)
-
-        deadline = time.perf_counter() + seconds
-        if rate is None:
-            async def loop(worker: int) -> None:
-                i = worker
-                while time.perf_counter() < deadline:
-                    await one(bodies[i % len(bodies)])
-                    i += clients
-
-            await asyncio.gather(*(loop(w) for w in range(clients)))
-        else:
-            tasks, i, started = set(), 0, time.perf_counter()
-            while (now := time.perf_counter()) < deadline:
-                due = started + i / rate
-                if due > now:
-                    await asyncio.sleep(due - now)
-                task = asyncio.ensure_future(one(bodies[i % len(bodies)]))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                i += 1
-            await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - deadline + seconds
-    return latencies, failures, elapsed
-
-
 def scrape(url: str) -> dict:
-    from load.report import parse_metrics
-
     with contextlib.suppress(Exception):
         import httpx
 
@@ -378,16 +315,27 @@ def model_counters(before: dict, after: dict) -> dict[str, float]:
 
 def run_load(server: Server, route: str, bodies: list[dict], clients: int, seconds: float,
              rate: float | None = None) -> LoadResult:
-    asyncio.run(_load(server.url, route, bodies, min(clients, 4), 1.0, None))  # warm connections
+    """Closed loop (``rate`` None): ``clients`` clients; open loop: ``rate`` requests per second.
+
+    Every answer but a 200 is a failure, by status (or the client error's name); latencies are of
+    the 200s. Elapsed time runs until the last answer, so a backlog counts against requests/s.
+    """
+    make = cycle_requests(route, bodies)
+    asyncio.run(closed_loop(server.url, min(clients, 4), 1.0, make))  # warm connections
     metrics_before = scrape(server.url)
-    client_before, server_before = time.process_time(), server_cpu_seconds(server.process.pid)
-    latencies, failures, elapsed = asyncio.run(_load(server.url, route, bodies, clients, seconds, rate))
+    client_before, server_before = time.process_time(), cpu_seconds_by_service(server.process.pid)
+    started = time.monotonic()
+    run = asyncio.run(closed_loop(server.url, clients, seconds, make) if rate is None
+                      else open_loop(server.url, rate, seconds, make))
+    elapsed = time.monotonic() - started
     client_cpu = (time.process_time() - client_before) / elapsed
-    server_after = server_cpu_seconds(server.process.pid)
+    server_after = cpu_seconds_by_service(server.process.pid)
     by_service = {name: (server_after[name] - server_before.get(name, 0.0)) / elapsed
                   for name in server_after}
     server_cpu = sum(by_service.values())
     model = model_counters(metrics_before, scrape(server.url))
+    latencies = [outcome.latency_s for outcome in run.outcomes if outcome.ok]
+    failures = Counter(outcome.status for outcome in run.outcomes if not outcome.ok)
     ordered = sorted(latencies) or [float("nan")]
     return LoadResult(clients=clients, seconds=round(elapsed, 2), requests=len(latencies),
                       rps=len(latencies) / elapsed, p50_ms=1000 * statistics.median(ordered),
@@ -422,10 +370,9 @@ def profile(server: Server, seconds: float, out: Path) -> dict[str, list[tuple[s
     workers = psutil.Process(server.process.pid).children(recursive=True)
     procs = {}
     for worker in workers:
-        cmdline = " ".join(worker.cmdline())
-        if "--service-name" not in cmdline:
+        name = service_name_of(worker.cmdline())
+        if name is None or name in procs:  # one worker per service: the services' workers run alike
             continue
-        name = cmdline.split("--service-name", 1)[1].split()[0]
         raw = out / f"pyspy-{name}.txt"
         procs[name] = (subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(worker.pid), "--duration",

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.artifacts import load_artifact
+from models.artifact import load_artifact
 from training.forecast_data import feature_matrix, read_yahoo_csv
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,8 +34,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,19 +43,10 @@ import aiohttp
 import httpx
 import psutil
 
-from load.harness import (
-    TRAFFIC,
-    Run,
-    open_loop,
-    send,
-    session,
-    translate_sentences,
-    worker_pid,
-    write_report,
-)
-from load.harness import (
-    Request as Call,
-)
+from load.harness import TRAFFIC, Run, open_loop, send, session, translate_sentences, write_report
+from load.harness import Request as Call
+from services.local_server import Server
+from services.workers import worker_pid
 
 # Probe requests per model: one cheap request that answers 200 when the model serves.
 PROBES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -138,16 +127,9 @@ def damage_store(source: Path, target: Path, model: str, damage: str) -> Path:
     return path
 
 
-def start_degraded(home: Path, env: dict[str, str] | None = None, timeout: float = 300.0):
+def start_degraded(home: Path, env: dict[str, str] | None = None, timeout: float = 300.0) -> Server:
     """Starts a server that is expected NOT to become ready; returns once every other service is."""
-    from tests.conftest import Server
-
-    server = Server(home, env=env)
-    log = open(server.log_path, "w")  # noqa: SIM115 - kept open for the process's lifetime
-    server.process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", server.target, "--host", "127.0.0.1", "--port",
-         str(server.port)], cwd=str(Path(__file__).resolve().parent.parent), env=server.env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(home, env=env).launch()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -167,7 +149,7 @@ def start_degraded(home: Path, env: dict[str, str] | None = None, timeout: float
     raise RuntimeError(f"server not up after {timeout} s:\n{server.log()}")
 
 
-def check_degraded(server, model: str, token: str | None = None) -> dict[str, Any]:
+def check_degraded(server: Server, model: str, token: str | None = None) -> dict[str, Any]:
     """What a server with ``model`` damaged answers: readiness, the damaged and the other models."""
     report: dict[str, Any] = {"model": model}
     with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -274,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damage", default="all", choices=["missing", "truncated", "tampered", "all"])
     parser.add_argument("--requests", type=int, default=16, help="sigterm: requests in flight")
     args = parser.parse_args(argv)
-    from tests.conftest import Server
-
     reports: dict[str, Any] = {}
     if args.scenario in ("kill", "all"):
         server = Server(store_home()).start()

@@ -1,9 +1,12 @@
-"""Shared pieces of the reliability scripts (overload, soak, faults): traffic, timing, memory.
+"""The one load generator of the benchmark and the reliability scripts (bench, overload, soak, faults).
 
-Traffic only ever goes to 127.0.0.1. The driver is open-loop (requests are sent on a fixed schedule,
-whether or not earlier ones have answered), so a slow server meets the full offered load instead of
-slowing the client down, which is what an overload test needs. It uses aiohttp (a BentoML dependency),
-which costs less client CPU per request than httpx on this shared machine.
+Traffic only ever goes to 127.0.0.1. One sender (``send``) records every answer as an ``Outcome`` in a
+``Run``; two drivers use it. ``open_loop`` sends on a fixed schedule, whether or not earlier requests
+have answered, so a slow server meets the full offered load instead of slowing the client down (what
+an overload test and the benchmark's half-peak point need). ``closed_loop`` runs N clients that each
+send the next request when the last one answers (peak throughput). It uses aiohttp (a BentoML
+dependency), which costs less client CPU per request than httpx on this shared machine. The server's
+processes (pids, memory, CPU) are read through ``services/workers.py``.
 """
 
 from __future__ import annotations
@@ -12,19 +15,20 @@ import asyncio
 import collections
 import csv
 import functools
+import itertools
 import json
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from services.local_server import ROOT
+
 REPORTS = ROOT / "load" / "reports"
 DEV = ROOT / "training" / "data" / "sst2" / "glue_dev.tsv"
 # Client-side limit, well past the service's own timeout (RNNSERVE_TIMEOUT_S, 30 s): a request that
@@ -44,7 +48,15 @@ def sentences() -> list[str]:
 class Request:
     path: str
     body: dict[str, Any]
-    check: Callable[[dict[str, Any]], bool]
+    # Whether a 200's JSON answer is well-formed; None: any 200 is, and the body is not parsed (the
+    # benchmark, where parsing would add client CPU to the measurement).
+    check: Callable[[dict[str, Any]], bool] | None = None
+
+
+def cycle_requests(path: str, bodies: Sequence[dict[str, Any]]) -> Callable[[], Request]:
+    """``bodies`` in order, round and round, to ``path``, with no check of the answers beyond 200."""
+    ring = itertools.cycle(bodies)
+    return lambda: Request(path, next(ring))
 
 
 def sentiment_requests(seed: int = 0) -> Callable[[], Request]:
@@ -150,7 +162,7 @@ async def send(http: aiohttp.ClientSession, url: str, request: Request, run: Run
             ok = False
             if response.status == 200:
                 try:
-                    ok = request.check(json.loads(payload))
+                    ok = request.check is None or request.check(json.loads(payload))
                 except ValueError:
                     ok = False
             else:
@@ -240,50 +252,6 @@ async def time_to_normal(url: str, make: Callable[[], Request], limit_s: float =
                 streak = 0
                 await asyncio.sleep(0.1)
     return None
-
-
-# Processes and memory ----------------------------------------------------------------------------
-
-
-def label(process: psutil.Process) -> str:
-    """``bentoml serve`` (the arbiter), the entry worker, or the model service's name."""
-    try:
-        args = process.cmdline()
-    except psutil.Error:
-        return "gone"
-    if "--service-name" in args:
-        name = args[args.index("--service-name") + 1]
-        worker = args[args.index("--worker-id") + 1] if "--worker-id" in args else "1"
-        return f"{name}#{worker}"
-    if "serve" in args:
-        return "arbiter"
-    return " ".join(args[:3])[:40]
-
-
-def service_processes(root_pid: int) -> dict[str, psutil.Process]:
-    root = psutil.Process(root_pid)
-    processes = {"arbiter": root}
-    for child in root.children(recursive=True):
-        processes[label(child)] = child
-    return processes
-
-
-def rss_mib(root_pid: int) -> dict[str, float]:
-    """Resident memory of every process of the server, in MiB, by label."""
-    out = {}
-    for name, process in service_processes(root_pid).items():
-        try:
-            out[name] = round(process.memory_info().rss / 2**20, 1)
-        except psutil.Error:
-            continue
-    return dict(sorted(out.items()))
-
-
-def worker_pid(root_pid: int, service: str) -> int:
-    for name, process in service_processes(root_pid).items():
-        if name.split("#")[0] == service:
-            return process.pid
-    raise LookupError(f"no worker of service {service!r} under pid {root_pid}")
 
 
 def write_report(name: str, report: dict[str, Any], out: Path = REPORTS) -> Path:

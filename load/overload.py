@@ -25,15 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from load.harness import (
-    Run,
-    measure_peak,
-    open_loop,
-    rss_mib,
-    sentiment_requests,
-    time_to_normal,
-    write_report,
-)
+from load.harness import Run, measure_peak, open_loop, sentiment_requests, time_to_normal, write_report
+from services.local_server import Server
+from services.workers import rss_mib
 
 RECOVERY_BOUND_S = 10.0
 
@@ -99,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url, pid = args.url, args.pid
     if url is None:
-        from tests.conftest import Server
-
         home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
         server = Server(home).start()
         url, pid = server.url, server.process.pid

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from services.local_server import Samples, parse_metrics
 
 STATUS_IN_ERROR = re.compile(r"(?:status|HTTPError|HTTP)\D{0,3}([1-5]\d\d)\b")
 ENTRY_SERVICE = "rnnserve"
@@ -102,17 +102,6 @@ def read_history(prefix: Path) -> dict[str, dict[str, list[float]]]:
 
 
 # The server's view --------------------------------------------------------------------------------
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse_metrics(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def delta(before: Samples, after: Samples, name: str) -> list[tuple[dict[str, str], float]]:

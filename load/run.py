@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from load.report import write_report
-from tests.conftest import ROOT, Server
+from services.local_server import ROOT, Server
 
 REPORTS = ROOT / "load" / "reports"
 

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from load.harness import REPORTS, Run, measure_peak, open_loop, rss_mib, sentiment_requests, write_report
+from load.harness import REPORTS, Run, measure_peak, open_loop, sentiment_requests, write_report
+from services.local_server import Server
+from services.workers import rss_mib
 
 
 async def soak(url: str, pid: int, minutes: float, fraction: float, every_s: float,
@@ -62,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url, pid = args.url, args.pid
     if url is None:
-        from tests.conftest import Server
-
         server = Server(Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))).start()
         url, pid = server.url, server.process.pid
     if pid is None:

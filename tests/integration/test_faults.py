@@ -24,7 +24,8 @@ from load.faults import (
     sigterm_in_flight,
     start_degraded,
 )
-from load.harness import time_to_normal, translate_requests, worker_pid
+from load.harness import time_to_normal, translate_requests
+from services.workers import worker_pid
 
 DAMAGED = "forecast"
 TOKEN = "test-token-for-the-fault-server"

@@ -8,9 +8,10 @@ import csv
 import os
 import subprocess
 
-from load.report import parse_metrics, server_view
+from load.report import server_view
 from load.run import locust_command, read_metrics
-from tests.conftest import ARTIFACTS, ROOT
+from services.local_server import ROOT, parse_metrics
+from tests.conftest import ARTIFACTS
 
 RUN_TIME_S = 20
 

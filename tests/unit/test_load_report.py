@@ -4,13 +4,13 @@ from pathlib import Path
 
 from load.report import (
     disagreements,
-    parse_metrics,
     read_locust,
     route_of,
     server_view,
     status_of,
     summary_markdown,
 )
+from services.local_server import parse_metrics
 
 HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
           "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,"
