@@ -11,10 +11,10 @@ ARTIFACTS := $(wildcard models/artifacts/*)
 
 .PHONY: setup register serve test lint unit integration e2e load bench train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,load]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,load]'
 	touch $@
 
 setup: $(BIN)/.installed

@@ -20,8 +20,10 @@ rm -f "$out"/wheelhouse/rnnserve-*.whl  # the project itself is always rebuilt f
 rm -rf "$out/artifacts" && mkdir -p "$out/artifacts"
 # The image runs CPython 3.11 on glibc (Debian 12); the host interpreter must match that ABI.
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
-# Wheels already in the wheelhouse are reused, so a second run needs no network at all.
-"$python" -m pip wheel --quiet --wheel-dir "$out/wheelhouse" --find-links "$out/wheelhouse" "$root"
+# Wheels already in the wheelhouse are reused, so a second run needs no network at all. The
+# constraints pin what services/bentoml_compat.py relies on, as `make setup` does.
+"$python" -m pip wheel --quiet --wheel-dir "$out/wheelhouse" --find-links "$out/wheelhouse" \
+    -c "$root/constraints.txt" "$root"
 found=0
 for dir in "$artifacts"/*/; do
     [ -f "$dir/model.pt" ] || continue

@@ -18,7 +18,7 @@ import bentoml
 import torch
 from bentoml.exceptions import InvalidArgument
 
-import services.bentoml_patches  # noqa: F401 - per-request overhead removed (load/RESULTS.md)
+import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, less per-request overhead
 from services.caption import Caption, caption_response, prepare_item, read_upload
 from services.errors import (
     GuardMiddleware,

@@ -765,6 +765,7 @@ def _replay(body: bytes, messages: list[Message], receive: Receive) -> Receive:
 async def dependency_readiness(service: Any, timeout_s: float = 2.0) -> dict[str, bool]:
     """Each model this worker runs (services/inprocess.py) -> whether it loaded, and each dependency
     (model service) of ``service`` -> whether its /readyz answers 200."""
+    from services.bentoml_compat import resolved_client
     from services.inprocess import REGISTRY
 
     local = {name: model.ready for name, model in REGISTRY.items()}
@@ -772,7 +773,7 @@ async def dependency_readiness(service: Any, timeout_s: float = 2.0) -> dict[str
         return local
     names, checks = [], []
     for name, dependency in service.dependencies.items():
-        proxy = dependency._resolved  # the client the running service already uses, if any
+        proxy = resolved_client(dependency)  # the client the running service already uses, if any
         if proxy is None or not hasattr(proxy, "is_ready"):
             continue
         names.append(dependency.on.name if dependency.on is not None else name)

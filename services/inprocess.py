@@ -22,10 +22,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from bentoml._internal.context import server_context
 from bentoml.exceptions import ServiceUnavailable
 
 from services.artifacts import ArtifactError
+from services.bentoml_compat import (
+    cork_dispatcher,
+    exponential_buckets,
+    metrics_histogram,
+    service_metric_labels,
+)
 from services.metrics import MODEL_LOAD_FAILED
 
 logger = logging.getLogger(__name__)
@@ -49,10 +54,7 @@ def batch_size_histogram(max_batch_size: int) -> Any:
     (the entry passes the largest of its batchers'), later ones share it.
     """
     if not _HISTOGRAM:
-        from bentoml._internal.configuration.containers import BentoMLContainer
-        from bentoml._internal.utils.metrics import exponential_buckets
-
-        _HISTOGRAM.append(BentoMLContainer.metrics_client.get().Histogram(
+        _HISTOGRAM.append(metrics_histogram(
             namespace="bentoml_service", name="adaptive_batch_size",
             documentation="Service adaptive batch size",
             labelnames=["runner_name", "worker_index", "method_name", "service_version", "service_name"],
@@ -71,8 +73,6 @@ class Batcher(Generic[Item, Result]):
     def __init__(self, name: str, func: Callable[[list[Item]], list[Result]], *, max_batch_size: int,
                  max_latency_ms: int, batching: bool = True, method_name: str = "batch",
                  histogram_max_batch_size: int | None = None) -> None:
-        from bentoml._internal.marshal.dispatcher import CorkDispatcher
-
         self.name, self.method_name = name, method_name
         self._func = func
         # One thread per model: the dispatcher runs one batch at a time, and torch's intra-op
@@ -81,8 +81,8 @@ class Batcher(Generic[Item, Result]):
         self._histogram = batch_size_histogram(histogram_max_batch_size or max_batch_size)
         self._call: Callable[[list[Item]], Any]
         if batching:
-            dispatcher = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-                                        fallback=self._shed, get_batch_size=len)
+            dispatcher = cork_dispatcher(max_latency_ms=max_latency_ms, max_batch_size=max_batch_size,
+                                         fallback=self._shed, get_batch_size=len)
             self._call = dispatcher(self._run_merged)
             self._dispatcher = dispatcher
         else:
@@ -119,9 +119,8 @@ class Batcher(Generic[Item, Result]):
         return out
 
     def _observe(self, requests: int) -> None:
-        self._histogram.labels(runner_name=self.name, worker_index=server_context.worker_index,
-                               method_name=self.method_name, service_version=server_context.bento_version,
-                               service_name=server_context.bento_name).observe(requests)
+        self._histogram.labels(runner_name=self.name, method_name=self.method_name,
+                               **service_metric_labels()).observe(requests)
 
     def shutdown(self) -> None:
         if self._dispatcher is not None:

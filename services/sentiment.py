@@ -14,7 +14,7 @@ import time
 import bentoml
 import torch
 
-import services.bentoml_patches  # noqa: F401 - per-request overhead removed (load/RESULTS.md)
+import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, less per-request overhead
 from models.text import Vocab
 from services.artifacts import load_stored_model
 from services.batching import LengthGrouping, collate, run_in_groups, split

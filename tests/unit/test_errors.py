@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -475,42 +474,3 @@ def test_a_file_part_named_only_by_filename_star_is_not_a_file():
     body, headers = multipart(("image", None, b"\x89PNG"), extra="; filename*=UTF-8''a.png")
     [response] = run(app, {"method": "POST", "url": "/v1/upload", "content": body, "headers": headers})
     assert assert_shape(response, 400, "invalid_multipart")["error"]["field"] == "image"
-
-
-def test_bentoml_never_fetches_a_url_given_for_a_file_input():
-    """The patched serde (services/bentoml_patches.py) refuses without opening any connection."""
-    import socket
-
-    from _bentoml_impl.serde import JSONSerde, MultipartSerde
-    from bentoml.exceptions import BadInput
-    from starlette.requests import Request
-
-    import services.bentoml_patches  # noqa: F401 - applies the patch
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
-    with pytest.raises(BadInput, match="URLs are never fetched"):
-        asyncio.run(MultipartSerde.ensure_file(url))
-
-    from _bentoml_sdk.io_models import IODescriptor
-
-    def root(self, image: Path, /) -> str:
-        return ""
-
-    descriptor = IODescriptor.from_input(root, skip_self=True)
-    assert descriptor.multipart_fields  # a root file input: BentoML would download a URL body
-
-    async def receive():
-        return {"type": "http.request", "body": url.encode(), "more_body": False}
-
-    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""},
-                      receive)
-    with pytest.raises(Exception) as raised:
-        asyncio.run(JSONSerde().parse_request(request, descriptor))
-    assert not isinstance(raised.value, AssertionError)
-    with pytest.raises(BlockingIOError):  # nothing ever connected to the listener
-        listener.accept()
-    listener.close()

@@ -1,0 +1,184 @@
+"""The one module that touches BentoML's private API; the rest of ``services/`` calls what it exports.
+
+BentoML is pinned exactly (pyproject.toml, constraints.txt) because the code below relies on modules,
+attributes and signatures that BentoML does not promise to keep. tests/unit/test_bentoml_compat.py
+checks every one of them, and names the one that changed, so an upgrade is a change of this module
+and of the pin together, never a surprise in production.
+
+Two kinds of use:
+
+* Patches, applied once at import by every service module that needs them (each is idempotent): no
+  request ever makes the server fetch a URL (``refuse_remote_inputs``, SECURITY.md), and per-request
+  overhead found by profiling (load/RESULTS.md) is removed (``cache_response_media_types``,
+  ``cache_bound_api_functions``). The performance patches keep BentoML's behaviour, only not
+  recomputing what cannot change between requests; the security patch removes a behaviour on purpose.
+* Accessors for BentoML internals that the entry worker reuses (services/inprocess.py, errors.py):
+  its adaptive batcher, its metrics client and server context, a dependency's resolved client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import BadInput
+from starlette.datastructures import UploadFile
+
+try:  # every private name this project uses, in one place
+    from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
+    from _bentoml_sdk.io_models import IOMixin
+    from _bentoml_sdk.method import APIMethod
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.context import server_context as _server_context
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+    from bentoml._internal.utils.metrics import exponential_buckets as _exponential_buckets
+except ImportError as exc:  # refuse to serve: the download of URLs given for files would stay open
+    raise RuntimeError(f"BentoML {bentoml.__version__} is installed, but services/bentoml_compat.py is "
+                       "written for the version pinned in pyproject.toml; install constraints.txt or "
+                       "update this module (tests/unit/test_bentoml_compat.py names what changed)") from exc
+
+logger = logging.getLogger(__name__)
+BENTOML_VERSION = "1.4.40"  # the version this module is written against; the pin in pyproject.toml
+PATCHED = "__rnnserve_patched__"  # set on a patched class, so that a second call changes nothing
+# BentoML's functions that the patches replaced, by qualified name: read before they are replaced (a
+# missing one fails the import instead of adding a dead attribute), and kept for the contract test,
+# which checks their signatures.
+REPLACED: dict[str, Callable[..., Any]] = {}
+
+if bentoml.__version__ != BENTOML_VERSION:
+    logger.warning("BentoML %s is installed; services/bentoml_compat.py is written for %s (run "
+                   "tests/unit/test_bentoml_compat.py)", bentoml.__version__, BENTOML_VERSION)
+
+
+# Patches -------------------------------------------------------------------------------------------
+
+
+def cache_response_media_types() -> None:
+    """Caches ``IOMixin.mime_type`` per output class.
+
+    For an API that returns a list (a batchable API), BentoML finds the response's media type by
+    building a pydantic ``TypeAdapter`` and a full JSON schema of the output type, on every response
+    (``IOMixin.to_http_response -> mime_type -> IORootModel.model_json_schema``). Under load that was a
+    large share of the sentiment worker's CPU (py-spy, ``python -m load.bench --profile``; figures in
+    load/RESULTS.md). The answer depends only on the class, so it is computed once per class.
+    """
+    if getattr(IOMixin, PATCHED, False):
+        return
+    compute = REPLACED["IOMixin.mime_type"] = IOMixin.mime_type.__func__
+    cache: dict[type, str] = {}
+
+    def mime_type(cls: type) -> str:
+        try:
+            return cache[cls]
+        except KeyError:
+            cache[cls] = value = compute(cls)
+            return value
+
+    IOMixin.mime_type = classmethod(mime_type)
+    setattr(IOMixin, PATCHED, True)
+
+
+def cache_bound_api_functions() -> None:
+    """Builds each API's bound function once per (function, service instance).
+
+    BentoML rebuilds it on every attribute access (``APIMethod.__get__ -> _local_call``:
+    ``inspect.signature`` plus ``functools.wraps``), which the request path does for every request; a
+    profile of the entry worker under load showed it (load/RESULTS.md). The bound function depends
+    only on the function and the instance, and holds no per-call state.
+    """
+    if getattr(APIMethod, PATCHED, False):
+        return
+    build = REPLACED["APIMethod._local_call"] = APIMethod._local_call
+    cache: dict[tuple[object, int], tuple[object, object]] = {}
+
+    def _local_call(self, instance):
+        key = (self.func, id(instance))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is instance:  # an id reused by a new instance is a miss
+            return hit[1]
+        bound = build(self, instance)
+        cache[key] = (instance, bound)
+        return bound
+
+    APIMethod._local_call = _local_call
+    setattr(APIMethod, PATCHED, True)
+
+
+def refuse_remote_inputs() -> None:
+    """Makes BentoML's request parsing refuse a URL where it expects a file, instead of fetching it.
+
+    BentoML downloads the URL when a file-typed input (``pathlib.Path``, an image, a file) of a
+    multipart form arrives as a text part (``MultipartSerde.ensure_file``) or when the JSON body of a
+    root file input is a URL (``JSONSerde.parse_request``). Its private-address block is a
+    process-wide switch that concurrent requests undo, and the download has no size bound: an outside
+    probe made the server fetch loopback services and large bodies (SECURITY.md). This server never
+    opens an outbound connection because of a request, so both now answer 400 without connecting.
+    """
+    if getattr(MultipartSerde, PATCHED, False):
+        return
+    REPLACED["MultipartSerde.ensure_file"] = MultipartSerde.ensure_file
+    REPLACED["JSONSerde.parse_request"] = JSONSerde.parse_request
+
+    async def ensure_file(obj: object) -> UploadFile:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise BadInput("A file field was sent as a text value; send the file itself as a multipart "
+                       "file part (with a filename). URLs are never fetched.")
+
+    async def parse_request(self, request, cls):
+        body = await request.body()  # BentoML's version, without the download of a URL body
+        return self.deserialize_model(Payload((body,), metadata=request.headers), cls)
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+    JSONSerde.parse_request = parse_request
+    setattr(MultipartSerde, PATCHED, True)
+
+
+# Accessors -----------------------------------------------------------------------------------------
+
+
+def service_metric_labels() -> dict[str, Any]:
+    """The labels BentoML puts on its own service metrics for this worker: ``worker_index``,
+    ``service_version`` and ``service_name``, read from its server context (set when a worker
+    starts, so read at each call)."""
+    return {"worker_index": _server_context.worker_index, "service_version": _server_context.bento_version,
+            "service_name": _server_context.bento_name}
+
+
+def exponential_buckets(start: float, factor: float, end: float) -> tuple[float, ...]:
+    """BentoML's histogram buckets: ``start``, ``start * factor``, ... up to ``end``, then +Inf."""
+    return _exponential_buckets(start, factor, end)
+
+
+def metrics_histogram(*, namespace: str, name: str, documentation: str, labelnames: Sequence[str],
+                      buckets: Sequence[float]) -> Any:
+    """A Prometheus histogram from BentoML's metrics client: the one its server exports on /metrics,
+    in prometheus_client's multiprocess mode across workers. Call it once per name and process."""
+    return BentoMLContainer.metrics_client.get().Histogram(
+        namespace=namespace, name=name, documentation=documentation, labelnames=list(labelnames),
+        buckets=buckets)
+
+
+def cork_dispatcher(*, max_latency_ms: int, max_batch_size: int, fallback: Callable[[], Any],
+                    get_batch_size: Callable[[Any], int]) -> Any:
+    """BentoML's adaptive batcher (the one behind a batchable API), for batching in-process.
+
+    ``dispatcher(callback)`` returns a coroutine function of one request; concurrent requests are
+    merged into one ``callback(requests)`` call, and ``fallback()`` answers a request it predicts it
+    cannot serve within ``max_latency_ms``. ``dispatcher.shutdown()`` stops it.
+    """
+    return CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
+                          fallback=fallback, get_batch_size=get_batch_size)
+
+
+def resolved_client(dependency: Any) -> Any | None:
+    """The client a ``bentoml.depends`` dependency has already resolved (a remote proxy, or the local
+    service instance), or None when the running service has not used it yet; resolves nothing."""
+    return dependency._resolved
+
+
+cache_response_media_types()
+cache_bound_api_functions()
+refuse_remote_inputs()

@@ -1,0 +1,282 @@
+"""The contract of services/bentoml_compat.py with BentoML's private API (and the pins that hold it).
+
+When an upgrade moves, renames or re-signs anything the compat module relies on, a test here fails and
+its message names the symbol, what it was and what it is now. Then update the module, the expected
+values below, pyproject.toml and constraints.txt together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import re
+import socket
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (module, attribute path, parameter names of inspect.signature, what services/bentoml_compat.py does
+# with it). None: only its presence is relied on.
+CONTRACT = [
+    ("bentoml._internal.context", "server_context", None, "service_metric_labels reads it"),
+    ("bentoml._internal.context", "server_context.worker_index", None, "service_metric_labels"),
+    ("bentoml._internal.context", "server_context.bento_name", None, "service_metric_labels"),
+    ("bentoml._internal.context", "server_context.bento_version", None, "service_metric_labels"),
+    ("bentoml._internal.configuration.containers", "BentoMLContainer.metrics_client.get", [],
+     "metrics_histogram gets BentoML's metrics client"),
+    ("bentoml._internal.server.metrics.prometheus", "PrometheusClient.Histogram", None,
+     "metrics_histogram builds the histogram with it"),
+    ("prometheus_client", "Histogram", ["name", "documentation", "labelnames", "namespace", "subsystem",
+                                        "unit", "registry", "_labelvalues", "buckets"], "metrics_histogram"),
+    ("bentoml._internal.utils.metrics", "exponential_buckets", ["start", "factor", "end"],
+     "exponential_buckets"),
+    ("bentoml._internal.marshal.dispatcher", "CorkDispatcher",
+     ["max_latency_in_ms", "max_batch_size", "shared_sema", "fallback", "get_batch_size", "batch_dim"],
+     "cork_dispatcher"),
+    ("bentoml._internal.marshal.dispatcher", "CorkDispatcher.__call__", ["self", "callback"],
+     "Batcher wraps its merged call with it"),
+    ("bentoml._internal.marshal.dispatcher", "CorkDispatcher.shutdown", ["self"], "Batcher.shutdown"),
+    ("_bentoml_sdk.service.dependency", "Dependency", ["on", "deployment", "cluster", "url"],
+     "resolved_client reads its _resolved field"),
+    ("_bentoml_impl.serde", "Payload", ["data", "metadata"], "refuse_remote_inputs builds the payload"),
+    ("_bentoml_impl.serde", "JSONSerde.deserialize_model", ["self", "payload", "cls"],
+     "refuse_remote_inputs parses the body with it"),
+    ("_bentoml_impl.serde", "MultipartSerde.parse_request", ["self", "request", "cls"],
+     "calls self.ensure_file for each file field"),
+    ("_bentoml_sdk.io_models", "IODescriptor.from_output", ["func"], "this test builds output types"),
+]
+
+# BentoML's functions that the patches replace: their signatures, as the originals had them.
+REPLACED = {
+    "IOMixin.mime_type": ["cls"],
+    "APIMethod._local_call": ["self", "instance"],
+    "MultipartSerde.ensure_file": ["obj"],
+    "JSONSerde.parse_request": ["self", "request", "cls"],
+}
+
+
+def pinned(requirement: str, lines: list[str]) -> str | None:
+    """The version ``lines`` pin ``requirement`` to with ``==``, or None."""
+    name = re.escape(requirement).replace("\\-", "[-_]")
+    for line in lines:
+        if match := re.fullmatch(rf"\s*{name}\s*==\s*([^\s;#]+).*", line, flags=re.IGNORECASE):
+            return match.group(1)
+    return None
+
+
+def resolve(module: str, path: str):
+    """The object at ``module.path``, or a test failure naming the first missing part."""
+    import bentoml
+
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"BentoML {bentoml.__version__}: module {module} is gone ({exc})")
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            pytest.fail(f"BentoML {bentoml.__version__}: {module}.{path} is gone: no attribute {part!r} on "
+                        f"{obj!r}; services/bentoml_compat.py relies on it")
+        obj = getattr(obj, part)
+    return obj
+
+
+def parameter_names(obj) -> list[str]:
+    return list(inspect.signature(obj).parameters)
+
+
+def test_installed_bentoml_is_the_pinned_version():
+    import bentoml
+
+    from services.bentoml_compat import BENTOML_VERSION
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = pinned("bentoml", dependencies)
+    assert pin is not None, f"pyproject.toml must pin bentoml exactly (bentoml==X.Y.Z): {dependencies}"
+    assert bentoml.__version__ == pin, (f"BentoML {bentoml.__version__} is installed but pyproject.toml pins "
+                                        f"{pin}: run `make setup`, or upgrade services/bentoml_compat.py")
+    assert pin == BENTOML_VERSION, (f"services/bentoml_compat.py is written for BentoML {BENTOML_VERSION}, "
+                                    f"pyproject.toml pins {pin}")
+
+
+def test_installed_packages_match_constraints():
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pins = {match.group(1): match.group(2) for line in lines
+            if (match := re.fullmatch(r"([\w.-]+)==(\S+)", line.strip()))}
+    assert {"bentoml", "starlette", "uvicorn", "pydantic", "pydantic-core", "aiohttp", "httpx",
+            "prometheus-client"} <= set(pins), f"constraints.txt lacks a pin: {sorted(pins)}"
+    assert "torch" not in pins, "torch is pinned in pyproject.toml: a constraint breaks its CPU or CUDA build"
+    changed = {name: (pin, version(name)) for name, pin in pins.items() if version(name) != pin}
+    assert not changed, ("installed versions differ from constraints.txt (pinned, installed): "
+                         f"{changed}; run `make setup`, or upgrade services/bentoml_compat.py and the pins")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert pinned("bentoml", pyproject) == pins["bentoml"], ("pyproject.toml and constraints.txt pin "
+                                                             "different BentoML versions")
+
+
+@pytest.mark.parametrize(("module", "path", "parameters", "use"), CONTRACT, ids=[c[1] for c in CONTRACT])
+def test_private_symbol_exists_with_the_signature_used(module, path, parameters, use):
+    import bentoml
+
+    obj = resolve(module, path)
+    if parameters is not None:
+        assert parameter_names(obj) == parameters, (
+            f"BentoML {bentoml.__version__}: the signature of {module}.{path} changed from {parameters} to "
+            f"{parameter_names(obj)}; services/bentoml_compat.py: {use}")
+
+
+def test_dependency_keeps_its_resolved_client_in_the_field_read():
+    import attrs
+    import bentoml
+    from _bentoml_sdk.service.dependency import Dependency
+
+    from services.bentoml_compat import resolved_client
+
+    assert "_resolved" in attrs.fields_dict(Dependency), (
+        f"BentoML {bentoml.__version__}: Dependency has no _resolved field any more "
+        f"({sorted(attrs.fields_dict(Dependency))}); update resolved_client")
+
+    @bentoml.service
+    class Echo:
+        @bentoml.api
+        def echo(self, text: str) -> str:
+            return text
+
+    class Caller:
+        echo = bentoml.depends(Echo)
+
+    dependency = vars(Caller)["echo"]
+    assert resolved_client(dependency) is None  # not used yet: nothing resolved
+    client = Caller().echo
+    assert resolved_client(dependency) is client, "Dependency.__get__ no longer keeps the client in _resolved"
+
+
+@pytest.mark.parametrize(("name", "parameters"), REPLACED.items())
+def test_replaced_function_had_the_signature_patched_for(name, parameters):
+    import bentoml
+
+    from services import bentoml_compat
+
+    assert name in bentoml_compat.REPLACED, f"the patch of {name} did not run"
+    original = bentoml_compat.REPLACED[name]
+    assert parameter_names(original) == parameters, (
+        f"BentoML {bentoml.__version__}: the signature of {name} changed from {parameters} to "
+        f"{parameter_names(original)}; services/bentoml_compat.py replaces it with one of the old signature")
+
+
+def test_every_replaced_function_is_in_this_contract():
+    from services import bentoml_compat
+
+    unchecked = sorted(set(bentoml_compat.REPLACED) - set(REPLACED))
+    assert not unchecked, (f"services/bentoml_compat.py replaces {unchecked}: add their signatures to "
+                           "REPLACED in this test, and what else they use to CONTRACT")
+
+
+def test_each_patch_is_active_and_idempotent():
+    from _bentoml_impl.serde import JSONSerde, MultipartSerde
+    from _bentoml_sdk.io_models import IOMixin
+    from _bentoml_sdk.method import APIMethod
+
+    from services import bentoml_compat
+
+    patched = {"IOMixin.mime_type": IOMixin.mime_type.__func__,
+               "APIMethod._local_call": APIMethod._local_call,
+               "MultipartSerde.ensure_file": MultipartSerde.ensure_file,
+               "JSONSerde.parse_request": JSONSerde.parse_request}
+    for name, function in patched.items():
+        assert function.__module__ == "services.bentoml_compat", f"{name} is BentoML's own, not the patch"
+    bentoml_compat.cache_response_media_types()
+    bentoml_compat.cache_bound_api_functions()
+    bentoml_compat.refuse_remote_inputs()
+    assert IOMixin.mime_type.__func__ is patched["IOMixin.mime_type"], "a second patch wrapped the first"
+    assert APIMethod._local_call is patched["APIMethod._local_call"], "a second patch wrapped the first"
+    assert JSONSerde.parse_request is patched["JSONSerde.parse_request"], "a second patch wrapped the first"
+
+
+def test_response_media_type_is_computed_once_per_class(monkeypatch):
+    from _bentoml_sdk.io_models import IODescriptor
+
+    import services.bentoml_compat  # noqa: F401 - applies the patch
+
+    def batch(self, texts: list[str]) -> list[str]:
+        return texts
+
+    output = IODescriptor.from_output(batch)  # a list output: BentoML builds its JSON schema to answer
+    schema = output.model_json_schema
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return schema(*args, **kwargs)
+
+    monkeypatch.setattr(output, "model_json_schema", counted)
+    first, second = output.mime_type(), output.mime_type()
+    assert first == second == "application/json"
+    assert len(calls) == 1, f"the media type was computed {len(calls)} times for one class"
+
+
+def test_api_function_is_bound_once_per_instance():
+    import bentoml
+
+    import services.bentoml_compat  # noqa: F401 - applies the patch
+
+    @bentoml.service
+    class Echo:
+        @bentoml.api(batchable=True)
+        def echo(self, texts: list[str]) -> list[str]:
+            return texts
+
+    method = Echo.apis["echo"]
+    first, second = Echo(), Echo()
+    bound = method._local_call(first)
+    assert method._local_call(first) is bound
+    assert method._local_call(second) is not bound
+    assert bound(["a"]) == ["a"] and method._local_call(second)(["b"]) == ["b"]
+
+
+def test_bentoml_never_fetches_a_url_given_for_a_file_input():
+    """The patched serde refuses without opening any connection."""
+    from _bentoml_impl.serde import JSONSerde, MultipartSerde
+    from _bentoml_sdk.io_models import IODescriptor
+    from bentoml.exceptions import BadInput
+    from starlette.requests import Request
+
+    import services.bentoml_compat  # noqa: F401 - applies the patch
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    with pytest.raises(BadInput, match="URLs are never fetched"):
+        asyncio.run(MultipartSerde.ensure_file(url))
+
+    def root(self, image: Path, /) -> str:
+        return ""
+
+    descriptor = IODescriptor.from_input(root, skip_self=True)
+    assert descriptor.multipart_fields  # a root file input: BentoML would download a URL body
+
+    async def receive():
+        return {"type": "http.request", "body": url.encode(), "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/", "query_string": b""},
+                      receive)
+    with pytest.raises(Exception) as raised:
+        asyncio.run(JSONSerde().parse_request(request, descriptor))
+    assert not isinstance(raised.value, AssertionError)
+    with pytest.raises(BlockingIOError):  # nothing ever connected to the listener
+        listener.accept()
+    listener.close()
+
+
+def test_no_other_service_module_touches_bentoml_private_api():
+    private = re.compile(r"_bentoml_sdk|_bentoml_impl|bentoml\._internal|\._resolved\b")
+    offenders = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+                 for path in sorted((ROOT / "services").rglob("*.py")) if path.name != "bentoml_compat.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert not offenders, f"BentoML's private API belongs in services/bentoml_compat.py: {offenders}"
