@@ -142,7 +142,7 @@ def sentiment_paths() -> tuple[Paths, dict]:
 def forecast_paths() -> tuple[Paths, dict, list[dict]]:
     """``model``: the many-to-one forward on feature windows; ``helpers``: ``forecast_windows``."""
     from models.artifact import load_artifact
-    from services.forecast import ModelSpec, forecast_windows, row_features
+    from services.forecasting import ModelSpec, forecast_windows, row_features
     from services.schemas.forecast import ForecastRequest
 
     path, sha = artifact_dir("forecast")

@@ -16,20 +16,18 @@ from pathlib import Path
 
 import bentoml
 import torch
-from bentoml.exceptions import InvalidArgument
 
 import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, less per-request overhead
+from services.admission import Body, Deadline, InFlight, Routes, Token
+from services.body_checks import form_specs
 from services.caption import Caption, caption_response, prepare_item, read_upload
-from services.errors import (
-    GuardMiddleware,
-    guard_dependencies,
-    stop_dependencies_after_entry,
-    tolerate_load_failures,
-)
-from services.forecast import Forecast, WindowModel, session_answer, window_response
-from services.http import JsonOnlyMiddleware
+from services.errors import ServiceError
+from services.forecast import Forecast, session_answer, window_response
+from services.forecasting import WindowModel
 from services.inprocess import Batcher, InProcessModel
+from services.lifecycle import Readyz
 from services.metrics import FORECAST_REQUESTS_TOTAL
+from services.openapi import Docs
 from services.schemas.caption import (
     BeamSize,
     CaptionRequest,
@@ -75,8 +73,9 @@ class Api:
         torch.set_num_threads(SETTINGS.api_threads)
         device = SETTINGS.torch_device()
         batching = SETTINGS.batching == "on"
-        self.sentiment = InProcessModel("sentiment", lambda: SentimentModel(self.sentiment_model, device))
-        self.windows = InProcessModel("forecast", lambda: WindowModel(self.forecast_model, device))
+        self.sentiment = InProcessModel("sentiment",
+                                        lambda: SentimentModel.load(self.sentiment_model, device))
+        self.windows = InProcessModel("forecast", lambda: WindowModel.load(self.forecast_model, device))
         largest = max(SETTINGS.sentiment_max_batch_size, SETTINGS.forecast_max_batch_size)
         self.sentiment_batcher = Batcher(
             "sentiment", lambda texts: self.sentiment.get().classify(texts), method_name="classify",
@@ -119,7 +118,7 @@ class Api:
             check_forecast(request, spec)
         except ValueError as exc:
             FORECAST_REQUESTS_TOTAL.labels("forecast", "invalid").inc()
-            raise InvalidArgument(str(exc)) from exc
+            raise ServiceError(400, "invalid_request", str(exc)) from exc
         [result] = await self.forecast_batcher([request])
         FORECAST_REQUESTS_TOTAL.labels("forecast", "ok").inc()
         return window_response(request, result, spec, windows.model_info)
@@ -150,7 +149,7 @@ class Api:
     async def delete_forecast_session(self, request: SessionRef, /) -> Deleted:
         """Closes a session and frees its state."""
         answer = session_answer(await self.forecast.to_async.delete_session(session_id=request.session_id))
-        return Deleted(session_id=answer.session_id) if isinstance(answer, SessionInfo) else answer
+        return Deleted(session_id=answer.session_id)
 
     @bentoml.api(route="/v1/forecast/sessions/export")
     async def export_forecast_session(self, request: SessionRef, /) -> SessionState:
@@ -230,11 +229,18 @@ class Api:
                 await self._info("translate", self.translate)]
 
 
-# Outermost first: limits, token, overload, timeout and the one error shape (services/errors.py).
-# Caption routes take a base64 or uploaded image, so their body limit follows the image limit.
-Api.add_asgi_middleware(GuardMiddleware, service=Api, body_limits={
-    "/v1/caption": (SETTINGS.caption_max_image_bytes + 2) // 3 * 4 + (1 << 16)})
-guard_dependencies(Api)
-tolerate_load_failures(Api)
-stop_dependencies_after_entry(Api)
-Api.add_asgi_middleware(JsonOnlyMiddleware, media_types={"/v1/caption/upload": "multipart/form-data"})
+# Outermost first (services/admission.py): routes, readiness and docs, then the admission of API
+# requests. Caption routes take a base64 or uploaded image, so their body limit follows the image limit.
+BODY_LIMITS = {"/v1/caption": (SETTINGS.caption_max_image_bytes + 2) // 3 * 4 + (1 << 16)}
+Api.add_asgi_middleware(Routes, api_routes=[method.route for method in Api.apis.values()])
+Api.add_asgi_middleware(Readyz, service=Api)
+Api.add_asgi_middleware(Docs, service=Api, prefix="/v1/", token_paths=SETTINGS.api_token_paths,
+                        token_enabled=bool(SETTINGS.api_token), max_body_bytes=SETTINGS.max_body_bytes,
+                        body_limits=BODY_LIMITS)
+Api.add_asgi_middleware(Token, token=SETTINGS.api_token, paths=SETTINGS.api_token_paths.split(","))
+Api.add_asgi_middleware(InFlight, limit=SETTINGS.max_in_flight)
+Api.add_asgi_middleware(Body, max_body_bytes=SETTINGS.max_body_bytes, body_limits=BODY_LIMITS,
+                        media_types={"/v1/caption/upload": "multipart/form-data"}, forms=form_specs(Api),
+                        max_json_depth=SETTINGS.max_json_depth)
+# Just under BentoML's traffic.timeout, so that this shaped 503 answers before BentoML's bare 504.
+Api.add_asgi_middleware(Deadline, timeout_s=max(SETTINGS.timeout_s - 0.5, SETTINGS.timeout_s * 0.5))

@@ -28,6 +28,7 @@ from starlette.datastructures import UploadFile
 
 try:  # every private name this project uses, in one place
     from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
+    from _bentoml_impl.server.app import ServiceAppFactory
     from _bentoml_sdk.io_models import IOMixin
     from _bentoml_sdk.method import APIMethod
     from bentoml._internal.configuration.containers import BentoMLContainer
@@ -134,6 +135,42 @@ def refuse_remote_inputs() -> None:
     MultipartSerde.ensure_file = staticmethod(ensure_file)
     JSONSerde.parse_request = parse_request
     setattr(MultipartSerde, PATCHED, True)
+
+
+def install_endpoint_handler(refusal: Callable[[Any], Exception | None],
+                             answer: Callable[[Any, BaseException], Any]) -> None:
+    """Replaces BentoML's handling of what an endpoint raises with ``answer(request, exc)``.
+
+    BentoML answers an endpoint's exception itself (``ServiceAppFactory.api_endpoint_wrapper``): a
+    pydantic error as ``{"error": "N validation errors", "detail": [...]}``, a 4xx exception as a
+    one-element list, any 5xx with one generic text, and logs every one at ERROR with a traceback.
+    With this, each service process writes every error once, in the documented shape, with its own
+    code (services/errors.py). Before each call ``refusal(service_instance)`` may return the error to
+    raise instead (a model service whose artifact failed to load: services/lifecycle.py).
+    """
+    if getattr(ServiceAppFactory, PATCHED, False):
+        return
+    REPLACED["ServiceAppFactory.api_endpoint_wrapper"] = ServiceAppFactory.api_endpoint_wrapper
+
+    async def api_endpoint_wrapper(self, name: str, request: Any) -> Any:
+        try:
+            if (refused := refusal(self._service_instance)) is not None:
+                raise refused
+            resp = await self.api_endpoint(name, request)
+        except Exception as exc:
+            resp = answer(request, exc)
+        # What BentoML's wrapper does after the call, unchanged.
+        self._add_response_headers(resp)
+        ctx = self.service.context
+        if resp.background is not None:
+            ctx.response.background.tasks.append(resp.background)
+        ctx.response.background.add_task(request.close)
+        resp.background = ctx.response.background
+        del ctx.response.background  # BentoML's guard against a reference cycle (a leak in long runs)
+        return resp
+
+    ServiceAppFactory.api_endpoint_wrapper = api_endpoint_wrapper
+    setattr(ServiceAppFactory, PATCHED, True)
 
 
 # Accessors -----------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import torch
-from bentoml.exceptions import BentoMLException
 
 from models.images import (
     FORMATS,
@@ -32,7 +31,8 @@ from models.images import (
     decode_image,
     to_pixels,
 )
-from services.artifacts import load_stored_model
+from services.errors import ServiceError
+from services.lifecycle import ModelService, model_service_config
 from services.metrics import (
     CAPTION_DECODE_STEPS,
     CAPTION_IMAGE_BYTES,
@@ -92,10 +92,14 @@ def prepare_image(data: bytes, image_size: int,
     return decoded, to_pixels(decoded.image, image_size)
 
 
-def rejected(exc: ImageRejectedError) -> BentoMLException:
-    """The HTTP error for a refused upload (400, 413 or 415), counted by status."""
-    CAPTION_REJECTED_IMAGES_TOTAL.labels(NAME, str(int(exc.status))).inc()
-    return BentoMLException(str(exc), error_code=exc.status)
+IMAGE_ERROR_CODES = {400: "invalid_image", 413: "image_too_large", 415: "unsupported_image_format"}
+
+
+def rejected(exc: ImageRejectedError) -> ServiceError:
+    """The error for a refused image (400, 413 or 415), counted by status."""
+    status = int(exc.status)
+    CAPTION_REJECTED_IMAGES_TOTAL.labels(NAME, str(status)).inc()
+    return ServiceError(status, IMAGE_ERROR_CODES.get(status, "invalid_image"), str(exc), "image")
 
 
 def read_upload(path: Path, limits: ImageLimits = LIMITS) -> bytes:
@@ -210,10 +214,10 @@ def stream_steps(decoder: Decoder, item: CaptionItem):
     Uses the exported ``encode`` and ``step`` methods, so it makes the same choices as ``greedy``.
     """
     images = to_batch(decoder, [item])
-    memory, keys, h, c = decoder.model.encode(images)
+    memory, keys, state = decoder.model.encode(images)
     current = torch.full((1,), decoder.bos_id, dtype=torch.long, device=decoder.device)
     for _ in range(item.max_length):
-        logprobs, h, c = decoder.model.step(current, h, c, memory, keys)
+        logprobs, state = decoder.model.step(current, state, memory, keys)
         best_logprob, best = logprobs.max(dim=1)
         yield int(best), float(best_logprob)
         if int(best) == decoder.eos_id:
@@ -221,50 +225,30 @@ def stream_steps(decoder: Decoder, item: CaptionItem):
         current = best
 
 
-@bentoml.service(
-    name="caption",
-    workers=SETTINGS.caption_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
-    # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
-    # Callers reach this service through the entry, which logs every public request: no second
-    # access log line per request here; tracing per RNNSERVE_TRACING (services/settings.py).
-    **SETTINGS.observability(),
-)
-class Caption:
+@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.caption_workers))
+class Caption(ModelService):
+    name = NAME
     bento_model = bentoml.models.BentoModel(SETTINGS.caption_model)
+    threads = SETTINGS.caption_threads
 
-    def __init__(self) -> None:
-        torch.set_num_threads(SETTINGS.caption_threads)
-        device = SETTINGS.torch_device()
-        stored = self.bento_model
-        model, self.metadata, self.model_info = load_stored_model(stored, device)
-        self.decoder = Decoder.from_metadata(model, self.metadata, device)
+    def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
+        self.decoder = Decoder.from_metadata(model, metadata, self.device)
         self.spec_info = CaptionSpec(
-            image_size=self.decoder.image_size, mean=self.metadata["normalisation"]["mean"],
-            std=self.metadata["normalisation"]["std"], preprocess=PREPROCESS, formats=list(FORMATS),
-            default_max_length=min(int(self.metadata["max_length"]), MAX_LENGTH),
+            image_size=self.decoder.image_size, mean=metadata["normalisation"]["mean"],
+            std=metadata["normalisation"]["std"], preprocess=PREPROCESS, formats=list(FORMATS),
+            default_max_length=min(int(metadata["max_length"]), MAX_LENGTH),
             max_length_limit=MAX_LENGTH, max_beam_size=MAX_BEAM_SIZE, max_image_bytes=MAX_IMAGE_BYTES,
             max_image_pixels=MAX_IMAGE_PIXELS, vocab_size=len(self.decoder.vocab),
         )
-        self._ready = False
-        self._warm_up()
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Greedy and beam decoding at batch 1 and at the full batch, at the full length limit."""
-        started = time.perf_counter()
         size = self.decoder.image_size
         pixels = encode_pixels(np.full((size, size, 3), 96, dtype=np.uint8))
         for beam_size in (1, 3):
             for batch_size in (1, SETTINGS.caption_max_batch_size):
                 items = [CaptionItem(pixels=pixels, beam_size=beam_size, max_length=MAX_LENGTH)] * batch_size
                 caption_images(self.decoder, items)
-        self._ready = True
-        logger.info("caption %s warmed up on %s in %.2f s", self.model_info.version,
-                    self.decoder.device, time.perf_counter() - started)
-
-    def __is_ready__(self) -> bool:
-        return self._ready
 
     @bentoml.api(
         batchable=True,
@@ -301,8 +285,4 @@ class Caption:
     @bentoml.api
     def spec(self) -> CaptionSpec:
         return self.spec_info
-
-    @bentoml.api
-    def info(self) -> ModelInfo:
-        return self.model_info
 

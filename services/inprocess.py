@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from bentoml.exceptions import ServiceUnavailable
-
 from services.artifacts import ArtifactError
 from services.bentoml_compat import (
     cork_dispatcher,
@@ -31,7 +29,9 @@ from services.bentoml_compat import (
     metrics_histogram,
     service_metric_labels,
 )
+from services.errors import ServiceError
 from services.metrics import MODEL_LOAD_FAILED
+from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ class Batcher(Generic[Item, Result]):
             self._dispatcher = None
 
     def _shed(self) -> Any:
-        raise ServiceUnavailable(f"the {self.name} batcher is overloaded: this request could not be "
-                                 "served within max_latency_ms")
+        raise ServiceError.unavailable(f"The {self.name} batcher is overloaded: this request could not "
+                                       f"be served within max_latency_ms; retry after "
+                                       f"{SETTINGS.retry_after_s} s.")
 
     async def __call__(self, items: list[Item]) -> list[Result]:
         if not items:
@@ -157,5 +158,7 @@ class InProcessModel(Generic[Model]):
     def get(self) -> Model:
         """The loaded model; 503 when its artifact failed to load."""
         if self.model is None:
-            raise ServiceUnavailable(f"model {self.name} is not loaded: {self.error}")
+            raise ServiceError.unavailable(f"Model {self.name} is not loaded (its artifact failed the checks "
+                                           "at start; the log says why); /readyz names the models that "
+                                           "are not ready.")
         return self.model

@@ -18,6 +18,7 @@ import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, 
 from models.text import Vocab
 from services.artifacts import load_stored_model
 from services.batching import LengthGrouping, collate, run_in_groups, split
+from services.lifecycle import ModelService, model_service_config
 from services.metrics import INFERENCE_SECONDS
 from services.schemas.common import ModelInfo
 from services.schemas.sentiment import MAX_TOKENS, SentimentResult
@@ -81,53 +82,56 @@ def grouping_from_settings() -> LengthGrouping:
 
 
 class SentimentModel:
-    """The loaded, warmed-up sentiment artifact and its batched path.
+    """The verified sentiment artifact and its batched path.
 
     The entry service runs one in each worker (services/inprocess.py); ``Sentiment`` below serves it
     alone as a BentoML service.
     """
 
-    def __init__(self, stored, device: str) -> None:
-        self.device = device
-        self.model, self.metadata, self.model_info = load_stored_model(stored, device)
-        self.vocab = Vocab(self.metadata["vocab"])
-        self.labels = list(self.metadata["labels"])
+    def __init__(self, model: torch.jit.ScriptModule, metadata: dict, model_info: ModelInfo,
+                 device: str) -> None:
+        self.model, self.metadata, self.model_info, self.device = model, metadata, model_info, device
+        self.vocab = Vocab(metadata["vocab"])
+        self.labels = list(metadata["labels"])
         self.grouping = grouping_from_settings()
-        self._warm_up()
 
-    def _warm_up(self) -> None:
-        """Runs every warm-up length at batch 1 and at the full batch before reporting ready."""
+    @classmethod
+    def load(cls, stored, device: str) -> SentimentModel:
+        """Loads a model-store entry (checksum-verified) and warms it up."""
+        runner = cls(*load_stored_model(stored, device), device)
         started = time.perf_counter()
+        runner.warm_up()
+        logger.info("sentiment %s warmed up on %s in %.2f s", runner.model_info.version, device,
+                    time.perf_counter() - started)
+        return runner
+
+    def warm_up(self) -> None:
+        """Runs every warm-up length at batch 1 and at the full batch."""
         word = self.vocab.itos[2]
         for length in WARMUP_LENGTHS:
             text = " ".join([word] * length)
             for batch_size in (1, SETTINGS.sentiment_max_batch_size):
                 classify(self.model, self.vocab, self.labels, [text] * batch_size, self.device)
-        logger.info("sentiment %s warmed up on %s in %.2f s", self.model_info.version,
-                    self.device, time.perf_counter() - started)
 
     def classify(self, texts: list[str]) -> list[SentimentResult]:
         return classify(self.model, self.vocab, self.labels, texts, self.device, self.grouping)
 
 
-@bentoml.service(
-    name="sentiment",
-    workers=SETTINGS.sentiment_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},  # bentoml/BentoML#5540
-    **SETTINGS.observability(),
-)
-class Sentiment:
+@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.sentiment_workers))
+class Sentiment(ModelService):
     """The sentiment model alone, as its own BentoML service (``bentoml serve
     services.sentiment:Sentiment``): a batchable ``/classify`` for a dedicated deployment. The public
     API (services/api.py) runs the same ``SentimentModel`` inside its own workers instead."""
 
+    name = NAME
     bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
+    threads = SETTINGS.sentiment_threads
 
-    def __init__(self) -> None:
-        torch.set_num_threads(SETTINGS.sentiment_threads)
-        self.runner = SentimentModel(self.bento_model, SETTINGS.torch_device())
-        self.model_info = self.runner.model_info
+    def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
+        self.runner = SentimentModel(model, metadata, self.model_info, self.device)
+
+    def warm_up(self) -> None:
+        self.runner.warm_up()
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only to measure what batching buys (load/bench.py)
@@ -136,7 +140,3 @@ class Sentiment:
     )
     def classify(self, texts: list[str]) -> list[SentimentResult]:
         return self.runner.classify(texts)
-
-    @bentoml.api
-    def info(self) -> ModelInfo:
-        return self.model_info

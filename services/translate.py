@@ -21,8 +21,8 @@ import bentoml
 import torch
 from tokenizers import Tokenizer
 
-from services.artifacts import load_stored_model
 from services.batching import collate, split
+from services.lifecycle import ModelService, model_service_config
 from services.metrics import (
     INFERENCE_SECONDS,
     INPUT_LENGTH_TOKENS,
@@ -32,7 +32,6 @@ from services.metrics import (
     TRANSLATE_OUTPUT_TOKENS,
     TRANSLATE_TOKENS_PER_SECOND,
 )
-from services.schemas.common import ModelInfo
 from services.schemas.translate import MAX_LENGTH, MAX_TEXT_CHARS, TranslateItem, Translation
 from services.settings import SETTINGS
 
@@ -189,34 +188,20 @@ def sse_frame(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=True)}\n\n"
 
 
-@bentoml.service(
-    name="translate",
-    workers=SETTINGS.translate_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
-    # Never recycle the entry's client session mid-flight (bentoml/BentoML#5540): see services/forecast.py.
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
-    # Callers reach this service through the entry, which logs every public request: no second
-    # access log line per request here; tracing per RNNSERVE_TRACING (services/settings.py).
-    **SETTINGS.observability(),
-)
-class Translate:
+@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.translate_workers))
+class Translate(ModelService):
+    name = NAME
     bento_model = bentoml.models.BentoModel(SETTINGS.translate_model)
+    threads = SETTINGS.translate_threads
 
-    def __init__(self) -> None:
-        torch.set_num_threads(SETTINGS.translate_threads)
-        self.device = SETTINGS.torch_device()
-        stored = self.bento_model
-        self.model, self.metadata, self.model_info = load_stored_model(stored, self.device)
-        self.codec = Codec(self.metadata)
-        if int(self.metadata["max_output_length"]) < MAX_LENGTH:
+    def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
+        self.model, self.codec = model, Codec(metadata)
+        if int(metadata["max_output_length"]) < MAX_LENGTH:
             logger.warning("artifact caps output at %s tokens, below RNNSERVE_TRANSLATE_MAX_LENGTH=%s",
-                           self.metadata["max_output_length"], MAX_LENGTH)
-        self._ready = False
-        self._warm_up()
+                           metadata["max_output_length"], MAX_LENGTH)
 
-    def _warm_up(self) -> None:
-        """Greedy and beam decodes at short and maximal input length, batch 1 and full, then ready."""
-        started = time.perf_counter()
+    def warm_up(self) -> None:
+        """Greedy and beam decodes at short and maximal input length, batch 1 and full."""
         short, long = "Hello.", ("I think so. " * (MAX_TEXT_CHARS // 12))[:MAX_TEXT_CHARS].strip()
         for text in (short, long):
             for beam_size in (1, 4):
@@ -225,12 +210,6 @@ class Translate:
                     translate(self.model, self.codec, [item] * batch_size, self.device)
         for _ in stream_tokens(self.model, self.codec, short, 8, self.device):
             pass
-        self._ready = True
-        logger.info("translate %s warmed up on %s in %.2f s", self.model_info.version, self.device,
-                    time.perf_counter() - started)
-
-    def __is_ready__(self) -> bool:
-        return self._ready
 
     @bentoml.api(
         batchable=True,
@@ -245,7 +224,3 @@ class Translate:
         """Server-sent event frames of a greedy translation (see ``stream_tokens``)."""
         for event in stream_tokens(self.model, self.codec, text, max_length, self.device):
             yield sse_frame(event)
-
-    @bentoml.api
-    def info(self) -> ModelInfo:
-        return self.model_info

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import services.lifecycle  # noqa: F401 - installs the endpoint handler, the one patch applied on demand
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # (module, attribute path, parameter names of inspect.signature, what services/bentoml_compat.py does
@@ -49,6 +51,11 @@ CONTRACT = [
     ("_bentoml_impl.serde", "MultipartSerde.parse_request", ["self", "request", "cls"],
      "calls self.ensure_file for each file field"),
     ("_bentoml_sdk.io_models", "IODescriptor.from_output", ["func"], "this test builds output types"),
+    ("_bentoml_impl.server.app", "ServiceAppFactory.api_endpoint", ["self", "name", "request"],
+     "install_endpoint_handler calls it for each request"),
+    ("_bentoml_impl.server.app", "ServiceAppFactory._add_response_headers",
+     ["self", "resp", "logging_format"],
+     "install_endpoint_handler adds BentoML's headers with it"),
 ]
 
 # BentoML's functions that the patches replace: their signatures, as the originals had them.
@@ -57,6 +64,7 @@ REPLACED = {
     "APIMethod._local_call": ["self", "instance"],
     "MultipartSerde.ensure_file": ["obj"],
     "JSONSerde.parse_request": ["self", "request", "cls"],
+    "ServiceAppFactory.api_endpoint_wrapper": ["self", "name", "request"],
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from http import HTTPStatus
 
@@ -13,15 +12,9 @@ import torch
 from pydantic import ValidationError
 
 from models.forecast import FEATURES, ForecastConfig, ForecastRNN, bar_features
-from services.forecast import (
-    ModelSpec,
-    SessionStore,
-    business_dates,
-    forecast_windows,
-    row_features,
-    session_answer,
-    window_response,
-)
+from services.errors import ServiceError
+from services.forecast import session_answer, window_response
+from services.forecasting import ModelSpec, business_dates, forecast_windows, row_features
 from services.metrics import FORECAST_SESSION_EXPIRATIONS_TOTAL, FORECAST_SESSIONS_ACTIVE
 from services.schemas.common import ModelInfo
 from services.schemas.forecast import (
@@ -34,6 +27,7 @@ from services.schemas.forecast import (
     StepItem,
     check_forecast,
 )
+from services.sessions import SessionStore
 from training.export import script
 
 WINDOW = 8
@@ -189,12 +183,14 @@ def test_model_limits_name_the_limit(spec):
     ForecastRequest.model_validate(FORECAST_EXAMPLE)
 
 
-@pytest.mark.parametrize(("error", "status"), [("not_found", HTTPStatus.NOT_FOUND),
-                                               ("too_many_sessions", HTTPStatus.TOO_MANY_REQUESTS),
-                                               ("invalid", HTTPStatus.BAD_REQUEST)])
-def test_error_items_map_to_http_responses(error, status):
-    response = session_answer(SessionResult(error=error, message="why"))
-    assert response.status_code == status and json.loads(response.body) == {"error": "why"}
+@pytest.mark.parametrize(("error", "status", "code"), [
+    ("not_found", HTTPStatus.NOT_FOUND, "session_not_found"),
+    ("too_many_sessions", HTTPStatus.TOO_MANY_REQUESTS, "too_many_sessions"),
+    ("invalid", HTTPStatus.BAD_REQUEST, "invalid_request")])
+def test_error_items_raise_their_domain_code(error, status, code):
+    with pytest.raises(ServiceError) as raised:
+        session_answer(SessionResult(error=error, message="why"))
+    assert (raised.value.status, raised.value.code, raised.value.message) == (status, code, "why")
 
 
 def test_a_good_item_answers_its_session_or_state(model, spec):

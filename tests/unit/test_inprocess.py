@@ -6,9 +6,9 @@ import asyncio
 import threading
 
 import pytest
-from bentoml.exceptions import ServiceUnavailable
 
 from services.artifacts import ArtifactError
+from services.errors import ServiceError
 from services.inprocess import REGISTRY, Batcher, InProcessModel
 from services.metrics import MODEL_LOAD_FAILED
 
@@ -86,8 +86,10 @@ def test_a_bad_artifact_keeps_only_that_model_out():
     model = InProcessModel("broken-test-model", load)
     assert REGISTRY["broken-test-model"] is model
     assert not model.ready
-    with pytest.raises(ServiceUnavailable, match=r"broken-test-model is not loaded: model\.pt: sha256"):
+    with pytest.raises(ServiceError, match="broken-test-model is not loaded") as raised:
         model.get()
+    assert (raised.value.status, raised.value.code) == (503, "model_unavailable")
+    assert "sha256" not in raised.value.message and "sha256" in model.error  # the reason is logged only
     assert MODEL_LOAD_FAILED.labels("broken-test-model")._value.get() == 1
 
     healthy = InProcessModel("healthy-test-model", lambda: "weights")
