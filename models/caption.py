@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.rnn import CELLS, make_rnn
+from models.rnn import CELLS, StatefulRNN, state_layers
 from models.text import PAD, PAD_ID, UNK, UNK_ID
 
 BOS, EOS = "<bos>", "<eos>"
@@ -139,30 +139,6 @@ class NoAttention(nn.Module):
         return queries[:, :, :0], queries[:, :, :1] * 0.0  # (B, T, 0), (B, T, 1)
 
 
-class Recurrence(nn.Module):
-    """One interface, ``(x, h, c) -> (out, h, c)``, over any cell; ``c`` passes through unless LSTM.
-
-    TorchScript fixes each submodule's type at scripting time, so the cell choice is a choice of
-    wrapper class rather than a branch on a flag.
-    """
-
-    def __init__(self, rnn: nn.Module):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, inputs: torch.Tensor, h: torch.Tensor,
-                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs, h = self.rnn(inputs, h)
-        return outputs, h, c
-
-
-class LstmRecurrence(Recurrence):
-    def forward(self, inputs: torch.Tensor, h: torch.Tensor,
-                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs, (h, c) = self.rnn(inputs, (h, c))
-        return outputs, h, c
-
-
 class Captioner(nn.Module):
     """CNN encoder + recurrent decoder with teacher-forced ``forward``, ``greedy`` and ``beam_search``.
 
@@ -172,25 +148,22 @@ class Captioner(nn.Module):
 
     def __init__(self, config: CaptionConfig):
         super().__init__()
-        self.num_layers = config.num_layers
-        self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
-        self.is_lstm = config.cell == "lstm"
         # Plain int attributes: TorchScript cannot read module-level globals inside methods.
         self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
         self.encoder = ImageEncoder(config)
         feature_size = config.channels[-1]
         flat_size = feature_size * config.grid_size ** 2
         # The initial state reads the whole flattened map, so it keeps where each feature is.
-        state_count = 2 if self.is_lstm else 1
-        self.init_state = nn.Linear(flat_size, state_count * config.num_layers * config.hidden_size)
+        self.init_state = nn.Linear(flat_size,
+                                    state_layers(config.cell, config.num_layers) * config.hidden_size)
         self.attention = (DotAttention(feature_size, config.hidden_size, config.attention_size)
                           if config.attention else NoAttention())
         context_size = feature_size if config.attention else 0
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=PAD_ID)
-        rnn = make_rnn(config.cell, config.embedding_dim, config.hidden_size,
-                       num_layers=config.num_layers, dropout=config.dropout)
-        self.recurrence = LstmRecurrence(rnn) if self.is_lstm else Recurrence(rnn)
+        # State (S*L, B, H), S = 2 for an LSTM (h stacked on c): the one convention of models.rnn.
+        self.recurrence = StatefulRNN(config.cell, config.embedding_dim, config.hidden_size,
+                                      num_layers=config.num_layers, dropout=config.dropout)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.hidden_size + context_size, config.vocab_size)
         # Decoding never emits <pad>, <unk> or <bos>: they are never targets, and a caption made of
@@ -200,36 +173,32 @@ class Captioner(nn.Module):
         self.register_buffer("never_emitted", never, persistent=False)
 
     @torch.jit.export
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Spatial memory, attention keys and the initial state.
 
         Shape:
             images: (B, 3, S, S).
-            output: memory (B, N, C), keys (B, N, A) (A = 0 without attention), h (L, B, H),
-            c (L, B, H) (zeros unless LSTM).
+            output: memory (B, N, C), keys (B, N, A) (A = 0 without attention), state (S*L, B, H)
+            with S = 2 for an LSTM (h stacked on c) and 1 otherwise.
         """
-        batch_size = images.size(0)
         memory = self.encoder(images)  # (B, N, C)
-        state = torch.tanh(self.init_state(memory.flatten(1)))  # (B, S*L*H)
-        state = state.view(batch_size, -1, self.num_layers, self.hidden_size).permute(1, 2, 0, 3)
-        h = state[0].contiguous()  # (L, B, H)
-        c = state[1].contiguous() if self.is_lstm else torch.zeros_like(h)
-        return memory, self.attention.keys(memory), h, c
+        state = self.recurrence.state_from_flat(torch.tanh(self.init_state(memory.flatten(1))))  # (S*L, B, H)
+        return memory, self.attention.keys(memory), state
 
     @torch.jit.export
-    def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, memory: torch.Tensor,
-             keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, memory: torch.Tensor,
+             keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step: log-probabilities of the next token.
 
         Shape:
             tokens: (B,) int64, the previous token (``<bos>`` first).
-            h, c: (L, B, H). memory: (B, N, C). keys: (B, N, A).
-            output: log-probabilities (B, V), new h, c.
+            state: (S*L, B, H) as from ``encode``. memory: (B, N, C). keys: (B, N, A).
+            output: log-probabilities (B, V), new state (S*L, B, H).
         """
         embedded = self.dropout(self.embedding(tokens)).unsqueeze(1)  # (B, 1, E)
-        outputs, h, c = self.recurrence(embedded, h, c)  # (B, 1, H)
+        outputs, state = self.recurrence(embedded, state)  # (B, 1, H)
         logits = self._logits(outputs, memory, keys).squeeze(1) + self.never_emitted  # (B, V)
-        return torch.log_softmax(logits, dim=-1), h, c
+        return torch.log_softmax(logits, dim=-1), state
 
     def _logits(self, outputs: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B, T, H) decoder outputs -> (B, T, V) logits, reading the attended context when on."""
@@ -244,9 +213,9 @@ class Captioner(nn.Module):
             tokens: (B, T) int64: ``<bos> w1 .. wn`` padded with ``<pad>``.
             output: logits (B, T, V); position t predicts token t + 1 (``<eos>`` after the last word).
         """
-        memory, keys, h, c = self.encode(images)
+        memory, keys, state = self.encode(images)
         embedded = self.dropout(self.embedding(tokens))  # (B, T, E)
-        outputs, _, _ = self.recurrence(embedded, h, c)  # (B, T, H): the whole sequence in one call
+        outputs, _ = self.recurrence(embedded, state)  # (B, T, H): the whole sequence in one call
         return self._logits(outputs, memory, keys)  # (B, T, V)
 
     @torch.jit.export
@@ -259,7 +228,7 @@ class Captioner(nn.Module):
             output: tokens (B, T) with T = max(max_lengths), padded with ``<pad>``; their
             log-probabilities (B, T), 0 at padding; lengths (B,) including ``<eos>`` when emitted.
         """
-        memory, keys, h, c = self.encode(images)
+        memory, keys, state = self.encode(images)
         batch_size = images.size(0)
         limit = int(max_lengths.max())
         tokens = torch.full((batch_size, limit), self.pad_id, dtype=torch.long, device=images.device)
@@ -271,7 +240,7 @@ class Captioner(nn.Module):
             active = (~finished) & (max_lengths > t)  # (B,)
             if not bool(active.any()):
                 break
-            logprobs, h, c = self.step(current, h, c, memory, keys)  # (B, V)
+            logprobs, state = self.step(current, state, memory, keys)  # (B, V)
             best_logprob, best = logprobs.max(dim=1)  # (B,), (B,)
             best = torch.where(active, best, torch.full_like(best, self.pad_id))
             tokens[:, t] = best
@@ -292,7 +261,7 @@ class Captioner(nn.Module):
 
         Shape: as ``greedy``. ``beam_size`` 1 gives exactly the greedy caption.
         """
-        memory, keys, h, c = self.encode(images)
+        memory, keys, state = self.encode(images)
         batch_size, beam = images.size(0), beam_size
         rows = batch_size * beam
         vocab = self.vocab_size
@@ -301,8 +270,7 @@ class Captioner(nn.Module):
         # Expand every per-image tensor to one row per hypothesis: row b*K + k is beam k of image b.
         memory = memory.repeat_interleave(beam, dim=0)  # (B*K, N, C)
         keys = keys.repeat_interleave(beam, dim=0)  # (B*K, N, A)
-        h = h.repeat_interleave(beam, dim=1)  # (L, B*K, H)
-        c = c.repeat_interleave(beam, dim=1)
+        state = state.repeat_interleave(beam, dim=1)  # (S*L, B*K, H)
         scores = torch.full((batch_size, beam), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical; keep one so the first step is not K copies
         tokens = torch.full((batch_size, beam, limit), self.pad_id, dtype=torch.long, device=device)
@@ -317,7 +285,7 @@ class Captioner(nn.Module):
             frozen = finished | (row_limit <= t)  # (B, K)
             if bool(frozen.all()):
                 break
-            logprobs, h, c = self.step(current, h, c, memory, keys)
+            logprobs, state = self.step(current, state, memory, keys)
             logprobs = logprobs.view(batch_size, beam, vocab)  # (B, K, V)
             extended = torch.where(frozen.unsqueeze(2), pad_only.view(1, 1, vocab), logprobs)
             candidates = (scores.unsqueeze(2) + extended).view(batch_size, beam * vocab)  # (B, K*V)
@@ -335,8 +303,7 @@ class Captioner(nn.Module):
             lengths = lengths.gather(1, parent) + (~was_frozen).long()
             finished = finished.gather(1, parent) | (token == self.eos_id)
             state_index = (parent + torch.arange(batch_size, device=device).view(-1, 1) * beam).view(rows)
-            h = h.index_select(1, state_index)
-            c = c.index_select(1, state_index)
+            state = state.index_select(1, state_index)
             current = token.view(rows)
         best = scores.argmax(dim=1)  # (B,)
         pick = best.view(batch_size, 1, 1).expand(batch_size, 1, limit)

@@ -12,8 +12,9 @@ The model works on raw features (``bar_features``) and returns raw log returns: 
 statistics, fitted on the training period only, are buffers of the module (and copies sit in the
 artifact metadata), and so are the split-conformal offsets fitted on the validation period.
 
-The recurrent state is ONE tensor for every cell, so TorchScript sees a single type: (S * layers,
-B, hidden) where S = 2 for an LSTM (h stacked on c) and 1 otherwise.
+The recurrent state is ONE tensor for every cell, in the convention of ``models.rnn.StatefulRNN``:
+(S * layers, B, hidden) where S = 2 for an LSTM (h stacked on c) and 1 otherwise. Sessions export it
+as is, so that layout is part of the service's contract.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.rnn import CELLS, make_rnn
+from models.rnn import CELLS, StatefulRNN
 
 # Features per bar, computed from the bar and the previous close/volume (see ``bar_features``).
 FEATURES = ("log_return", "log_range", "log_body", "log_gap", "log_volume_change")
@@ -72,34 +73,6 @@ class ForecastConfig:
         return asdict(self)
 
 
-class _Recurrent(nn.Module):
-    """GRU / Elman RNN behind the one-tensor state interface."""
-
-    def __init__(self, rnn: nn.Module):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape: x (B, T, F), state (layers, B, H) -> outputs (B, T, H), state (layers, B, H)."""
-        return self.rnn(x, state)
-
-
-class _LSTMRecurrent(nn.Module):
-    """LSTM behind the one-tensor state interface: state = cat(h, c) along dim 0."""
-
-    def __init__(self, rnn: nn.Module, num_layers: int):
-        super().__init__()
-        self.rnn = rnn
-        self.num_layers = num_layers
-
-    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape: x (B, T, F), state (2*layers, B, H) -> outputs (B, T, H), state (2*layers, B, H)."""
-        hidden = state[: self.num_layers].contiguous()
-        cell = state[self.num_layers:].contiguous()
-        outputs, (hidden, cell) = self.rnn(x, (hidden, cell))
-        return outputs, torch.cat([hidden, cell], dim=0)
-
-
 def pinball_loss(predicted: torch.Tensor, target: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     """Mean quantile (pinball) loss (Koenker & Bassett 1978).
 
@@ -119,11 +92,9 @@ class ForecastRNN(nn.Module):
         self.num_layers = config.num_layers
         self.horizons = config.horizons
         self.num_quantiles = len(config.quantiles)
-        self.state_layers = config.num_layers * (2 if config.cell == "lstm" else 1)
-        rnn = make_rnn(config.cell, config.input_size, config.hidden_size, num_layers=config.num_layers,
-                       dropout=config.dropout)
-        self.encoder = (_LSTMRecurrent(rnn, config.num_layers) if config.cell == "lstm"
-                        else _Recurrent(rnn))
+        self.encoder = StatefulRNN(config.cell, config.input_size, config.hidden_size,
+                                   num_layers=config.num_layers, dropout=config.dropout)
+        self.state_layers = self.encoder.state_layers
         self.dropout = nn.Dropout(config.dropout)
         self.horizon_head = nn.Linear(config.hidden_size, config.horizons * self.num_quantiles)
         self.next_head = nn.Linear(config.hidden_size, self.num_quantiles)
@@ -151,8 +122,7 @@ class ForecastRNN(nn.Module):
     @torch.jit.export
     def initial_state(self, batch_size: int) -> torch.Tensor:
         """The zero state every sequence starts from. Shape: (S*layers, B, H)."""
-        return torch.zeros(self.state_layers, batch_size, self.hidden_size,
-                           device=self.feature_mean.device)
+        return self.encoder.initial_state(batch_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Many-to-one: calibrated quantiles of the cumulative log return for horizons 1..H.

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.rnn import CELLS, make_rnn
+from models.rnn import CELLS, StatefulRNN, make_rnn, state_layers
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -54,33 +54,6 @@ class TranslateConfig:
         return asdict(self)
 
 
-class _TensorStateRNN(nn.Module):
-    """GRU or tanh-RNN decoder layer whose state is one tensor (1, B, H)."""
-
-    def __init__(self, cell: str, input_size: int, hidden_size: int):
-        super().__init__()
-        self.rnn = make_rnn(cell, input_size, hidden_size)
-
-    def forward(self, inputs: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape: inputs (B, T, I), state (1, B, H) -> outputs (B, T, H), state (1, B, H)."""
-        return self.rnn(inputs, state)
-
-
-class _LSTMStateRNN(nn.Module):
-    """LSTM decoder layer; (h, c) travel as one tensor (1, B, 2H) so every cell has one state type."""
-
-    def __init__(self, input_size: int, hidden_size: int):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.rnn = nn.LSTM(input_size, hidden_size, batch_first=True)
-
-    def forward(self, inputs: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape: inputs (B, T, I), state (1, B, 2H) -> outputs (B, T, H), state (1, B, 2H)."""
-        hidden, cell = state.split(self.hidden_size, dim=2)
-        outputs, (hidden, cell) = self.rnn(inputs, (hidden.contiguous(), cell.contiguous()))
-        return outputs, torch.cat([hidden, cell], dim=2)
-
-
 class Translator(nn.Module):
     """Bidirectional recurrent encoder, attentional recurrent decoder, tied output layer."""
 
@@ -92,8 +65,6 @@ class Translator(nn.Module):
         self.additive = config.attention == "additive"
         self.decoder_hidden_size = config.decoder_hidden_size
         encoder_size = 2 * config.encoder_hidden_size
-        state_size = config.decoder_hidden_size * (2 if config.cell == "lstm" else 1)
-        self.state_size = state_size
 
         self.src_embedding = nn.Embedding(config.src_vocab_size, config.embedding_dim, padding_idx=PAD_ID)
         self.tgt_embedding = nn.Embedding(config.tgt_vocab_size, config.embedding_dim, padding_idx=PAD_ID)
@@ -101,11 +72,9 @@ class Translator(nn.Module):
         self.encoder = make_rnn(config.cell, config.embedding_dim, config.encoder_hidden_size,
                                 bidirectional=True)
         # The decoder starts from a projection of the mean encoder state (not a zero state).
-        self.init_state = nn.Linear(encoder_size, state_size)
-        if config.cell == "lstm":
-            self.decoder = _LSTMStateRNN(config.embedding_dim, config.decoder_hidden_size)
-        else:
-            self.decoder = _TensorStateRNN(config.cell, config.embedding_dim, config.decoder_hidden_size)
+        self.init_state = nn.Linear(encoder_size, state_layers(config.cell) * config.decoder_hidden_size)
+        # One layer; its state is (S, B, Hd), S = 2 for an LSTM (h stacked on c), as models.rnn has it.
+        self.decoder = StatefulRNN(config.cell, config.embedding_dim, config.decoder_hidden_size)
         # general: score = s^T W h; additive: score = v^T tanh(W s + U h).
         self.memory_key = nn.Linear(
             encoder_size, config.attention_size if self.additive else config.decoder_hidden_size,
@@ -132,7 +101,7 @@ class Translator(nn.Module):
         Shape:
             src: (B, S) int64 padded with PAD_ID; src_lengths: (B,) each in 1..S.
             output: memory (B, S, 2He), keys (B, S, K), mask (B, S) bool (True = real token),
-            initial decoder state (1, B, state_size).
+            initial decoder state (S, B, Hd), S = 2 for an LSTM and 1 otherwise.
         """
         batch_size, max_len = src.shape
         embedded = self.dropout(self.src_embedding(src))  # (B, S, E)
@@ -142,7 +111,7 @@ class Translator(nn.Module):
         steps = torch.arange(max_len, device=src.device).view(1, max_len)
         mask = steps < src_lengths.to(src.device).view(batch_size, 1)  # (B, S)
         pooled = memory.sum(dim=1) / src_lengths.to(memory.dtype).to(src.device).view(batch_size, 1)
-        state = torch.tanh(self.init_state(pooled)).unsqueeze(0)  # (1, B, state)
+        state = self.decoder.state_from_flat(torch.tanh(self.init_state(pooled)))  # (S, B, Hd)
         keys = self.memory_key(memory)  # (B, S, K)
         return memory, keys, mask, state
 
@@ -188,8 +157,8 @@ class Translator(nn.Module):
         """One decoder step for a batch of previous tokens.
 
         Shape:
-            tokens: (B,) int64, state: (1, B, state_size), memory/keys/mask as from ``encode``.
-            output: log-probabilities (B, V), new state (1, B, state_size), attention (B, S).
+            tokens: (B,) int64, state: (S, B, Hd), memory/keys/mask as from ``encode``.
+            output: log-probabilities (B, V), new state (S, B, Hd), attention (B, S).
         """
         embedded = self.tgt_embedding(tokens).unsqueeze(1)  # (B, 1, E)
         outputs, state = self.decoder(embedded, state)  # (B, 1, Hd)

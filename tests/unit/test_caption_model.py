@@ -129,10 +129,10 @@ def test_step_by_step_decoding_reproduces_greedy(pair):
     x = images(1)
     with torch.no_grad():
         tokens, _, lengths = scripted.greedy(x, torch.tensor([10]))
-        memory, keys, h, c = scripted.encode(x)
+        memory, keys, state = scripted.encode(x)
         current, stepped = torch.tensor([BOS_ID]), []
         for _ in range(10):
-            logprobs, h, c = scripted.step(current, h, c, memory, keys)
+            logprobs, state = scripted.step(current, state, memory, keys)
             current = logprobs.argmax(dim=1)
             stepped.append(int(current))
             if stepped[-1] == EOS_ID:
