@@ -93,7 +93,7 @@ def artifact_dir(name: str) -> tuple[Path, str | None]:
 
     from services.settings import SETTINGS
 
-    tag = getattr(SETTINGS, f"{name}_model", f"{name}:latest")
+    tag = getattr(SETTINGS, name).model if name in SETTINGS.GROUPS else f"{name}:latest"
     with contextlib.suppress(Exception):
         stored = bentoml.models.get(tag)
         return Path(stored.path), stored.info.metadata.get("sha256")
@@ -122,7 +122,7 @@ def sentiment_paths() -> tuple[Paths, dict]:
     from models.artifact import load_artifact
     from models.text import Vocab
     from services.batching import collate
-    from services.sentiment import NAME, classify, predict
+    from services.sentiment import NAME, classify, encode, predict
 
     path, sha = artifact_dir("sentiment")
     model, metadata = load_artifact(path, expected_sha256=sha)
@@ -135,8 +135,10 @@ def sentiment_paths() -> tuple[Paths, dict]:
         tokens, lengths, _ = collate(batch, NAME)
         return predict(model, tokens, lengths)
 
-    return {"model": (model_only, encoded),
-            "helpers": (lambda batch: classify(model, vocab, labels, batch), texts)}, info
+    def helpers(batch: list[str]) -> object:
+        return classify(model, labels, encode(vocab, batch, int(metadata["max_tokens"])))
+
+    return {"model": (model_only, encoded), "helpers": (helpers, texts)}, info
 
 
 def forecast_paths() -> tuple[Paths, dict, list[dict]]:
@@ -607,14 +609,14 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         all_ceilings = ceiling(paths, args.ceiling_seconds)
         ceilings = all_ceilings["model"]
-        max_batch = getattr(settings, f"{name}_max_batch_size")
+        max_batch = getattr(settings, name).max_batch_size
         full_batch_s = max_batch / all_ceilings["helpers"][max(b for b in BATCH_SIZES if b <= max_batch)]
         for path_name, values in all_ceilings.items():
             print(f"  ceiling, {path_name} (sequences/s): "
                   + ", ".join(f"batch {b}: {v:.0f}" for b, v in values.items()), flush=True)
         entry = {"info": info, "ceiling": ceilings, "ceiling_with_helpers": all_ceilings["helpers"],
                  "full_batch_ms": 1000 * full_batch_s, "max_batch_size": max_batch,
-                 "max_latency_ms": getattr(settings, f"{name}_max_latency_ms")}
+                 "max_latency_ms": getattr(settings, name).max_latency_ms}
         if name == "sentiment" and not args.skip_grouping:
             entry["grouping"] = grouping_study(args.ceiling_seconds)
             for mix in ("dev", "long_tail"):

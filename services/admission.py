@@ -131,7 +131,7 @@ class InFlight:
         if self.count >= self.limit:
             await send_error(send, ServiceError(503, "overloaded", f"{self.count} requests are in progress; "
                                                 f"the limit is {self.limit} (RNNSERVE_MAX_IN_FLIGHT). Retry "
-                                                f"after {SETTINGS.retry_after_s} s."))
+                                                f"after {SETTINGS.http.retry_after_s} s."))
             return
         self.count += 1
         try:
@@ -266,6 +266,6 @@ class Deadline:
         except TimeoutError:
             if not deadline.expired() or started:
                 raise
-            await send_error(send, ServiceError(503, "timeout", f"No answer within the {self.timeout_s:g} s "
-                                                f"limit; the service is overloaded. Retry after "
-                                                f"{SETTINGS.retry_after_s} s or send a smaller request."))
+            await send_error(send, ServiceError(
+                503, "timeout", f"No answer within the {self.timeout_s:g} s limit; the service is "
+                f"overloaded. Retry after {SETTINGS.http.retry_after_s} s or send a smaller request."))

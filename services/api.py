@@ -57,35 +57,36 @@ from services.settings import SETTINGS
 from services.translate import Translate
 
 
-@bentoml.service(name="rnnserve", workers=SETTINGS.api_workers, traffic={"timeout": SETTINGS.timeout_s},
-                  backlog=SETTINGS.api_backlog,
+@bentoml.service(name="rnnserve", workers=SETTINGS.http.api_workers,
+                  traffic={"timeout": SETTINGS.http.timeout_s},
+                  backlog=SETTINGS.http.api_backlog,
                   **SETTINGS.observability(access_log=True))
 class Api:
     # Run in this worker (services/inprocess.py): checksum-verified from the model store by tag.
-    sentiment_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
-    forecast_model = bentoml.models.BentoModel(SETTINGS.forecast_model)
+    sentiment_model = bentoml.models.BentoModel(SETTINGS.sentiment.model)
+    forecast_model = bentoml.models.BentoModel(SETTINGS.forecast.model)
     # Own services: sessions (one process holds them), captioning and translation.
     forecast = bentoml.depends(Forecast)
     caption = bentoml.depends(Caption)
     translate = bentoml.depends(Translate)
 
     def __init__(self) -> None:
-        torch.set_num_threads(SETTINGS.api_threads)
+        torch.set_num_threads(SETTINGS.http.api_threads)
         device = SETTINGS.torch_device()
         batching = SETTINGS.batching == "on"
         self.sentiment = InProcessModel("sentiment",
                                         lambda: SentimentModel.load(self.sentiment_model, device))
         self.windows = InProcessModel("forecast", lambda: WindowModel.load(self.forecast_model, device))
-        largest = max(SETTINGS.sentiment_max_batch_size, SETTINGS.forecast_max_batch_size)
+        largest = max(SETTINGS.sentiment.max_batch_size, SETTINGS.forecast.max_batch_size)
         self.sentiment_batcher = Batcher(
-            "sentiment", lambda texts: self.sentiment.get().classify(texts), method_name="classify",
-            max_batch_size=SETTINGS.sentiment_max_batch_size,
-            max_latency_ms=SETTINGS.sentiment_max_latency_ms, batching=batching,
+            "sentiment", lambda encoded: self.sentiment.get().classify(encoded), method_name="classify",
+            max_batch_size=SETTINGS.sentiment.max_batch_size,
+            max_latency_ms=SETTINGS.sentiment.max_latency_ms, batching=batching,
             histogram_max_batch_size=largest)
         self.forecast_batcher = Batcher(
             "forecast", lambda requests: self.windows.get().forecast(requests), method_name="forecast",
-            max_batch_size=SETTINGS.forecast_max_batch_size,
-            max_latency_ms=SETTINGS.forecast_max_latency_ms, batching=batching,
+            max_batch_size=SETTINGS.forecast.max_batch_size,
+            max_latency_ms=SETTINGS.forecast.max_latency_ms, batching=batching,
             histogram_max_batch_size=largest)
         self._model_info: dict[str, ModelInfo] = {}
         self._caption_spec: CaptionSpec | None = None
@@ -103,7 +104,9 @@ class Api:
     async def classify_sentiment(self, request: SentimentRequest, /) -> SentimentResponse:
         """Classifies one text or a list of texts as negative or positive."""
         model = self.sentiment.get()
-        results = await self.sentiment_batcher(request.items())
+        texts = request.items()
+        encoded = model.encode(texts, [request.item_field(i) for i in range(len(texts))])
+        results = await self.sentiment_batcher(encoded)
         return SentimentResponse(model=model.model_info, results=results)
 
     @bentoml.api(route="/v1/forecast")
@@ -231,16 +234,17 @@ class Api:
 
 # Outermost first (services/admission.py): routes, readiness and docs, then the admission of API
 # requests. Caption routes take a base64 or uploaded image, so their body limit follows the image limit.
-BODY_LIMITS = {"/v1/caption": (SETTINGS.caption_max_image_bytes + 2) // 3 * 4 + (1 << 16)}
+BODY_LIMITS = {"/v1/caption": (SETTINGS.caption.max_image_bytes + 2) // 3 * 4 + (1 << 16)}
 Api.add_asgi_middleware(Routes, api_routes=[method.route for method in Api.apis.values()])
 Api.add_asgi_middleware(Readyz, service=Api)
-Api.add_asgi_middleware(Docs, service=Api, prefix="/v1/", token_paths=SETTINGS.api_token_paths,
-                        token_enabled=bool(SETTINGS.api_token), max_body_bytes=SETTINGS.max_body_bytes,
+Api.add_asgi_middleware(Docs, service=Api, prefix="/v1/", token_paths=SETTINGS.http.api_token_paths,
+                        token_enabled=bool(SETTINGS.http.api_token),
+                        max_body_bytes=SETTINGS.http.max_body_bytes,
                         body_limits=BODY_LIMITS)
-Api.add_asgi_middleware(Token, token=SETTINGS.api_token, paths=SETTINGS.api_token_paths.split(","))
-Api.add_asgi_middleware(InFlight, limit=SETTINGS.max_in_flight)
-Api.add_asgi_middleware(Body, max_body_bytes=SETTINGS.max_body_bytes, body_limits=BODY_LIMITS,
+Api.add_asgi_middleware(Token, token=SETTINGS.http.api_token, paths=SETTINGS.http.api_token_paths.split(","))
+Api.add_asgi_middleware(InFlight, limit=SETTINGS.http.max_in_flight)
+Api.add_asgi_middleware(Body, max_body_bytes=SETTINGS.http.max_body_bytes, body_limits=BODY_LIMITS,
                         media_types={"/v1/caption/upload": "multipart/form-data"}, forms=form_specs(Api),
-                        max_json_depth=SETTINGS.max_json_depth)
+                        max_json_depth=SETTINGS.http.max_json_depth)
 # Just under BentoML's traffic.timeout, so that this shaped 503 answers before BentoML's bare 504.
-Api.add_asgi_middleware(Deadline, timeout_s=max(SETTINGS.timeout_s - 0.5, SETTINGS.timeout_s * 0.5))
+Api.add_asgi_middleware(Deadline, timeout_s=max(SETTINGS.http.timeout_s - 0.5, SETTINGS.http.timeout_s * 0.5))

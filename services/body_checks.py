@@ -112,7 +112,7 @@ class FormSpec:
 
     fields: frozenset[str]
     file_fields: frozenset[str]
-    max_text_bytes: int = SETTINGS.max_form_field_bytes
+    max_text_bytes: int = SETTINGS.http.max_form_field_bytes
 
     def describe(self) -> str:
         return ", ".join(sorted(self.fields))

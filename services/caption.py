@@ -225,11 +225,11 @@ def stream_steps(decoder: Decoder, item: CaptionItem):
         current = best
 
 
-@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.caption_workers))
+@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.caption.workers))
 class Caption(ModelService):
     name = NAME
-    bento_model = bentoml.models.BentoModel(SETTINGS.caption_model)
-    threads = SETTINGS.caption_threads
+    bento_model = bentoml.models.BentoModel(SETTINGS.caption.model)
+    threads = SETTINGS.caption.threads
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.decoder = Decoder.from_metadata(model, metadata, self.device)
@@ -246,14 +246,14 @@ class Caption(ModelService):
         size = self.decoder.image_size
         pixels = encode_pixels(np.full((size, size, 3), 96, dtype=np.uint8))
         for beam_size in (1, 3):
-            for batch_size in (1, SETTINGS.caption_max_batch_size):
+            for batch_size in (1, SETTINGS.caption.max_batch_size):
                 items = [CaptionItem(pixels=pixels, beam_size=beam_size, max_length=MAX_LENGTH)] * batch_size
                 caption_images(self.decoder, items)
 
     @bentoml.api(
         batchable=True,
-        max_batch_size=SETTINGS.caption_max_batch_size,
-        max_latency_ms=SETTINGS.caption_max_latency_ms,
+        max_batch_size=SETTINGS.caption.max_batch_size,
+        max_latency_ms=SETTINGS.caption.max_latency_ms,
     )
     def caption(self, items: list[CaptionItem]) -> list[CaptionResult]:
         return caption_images(self.decoder, items)

@@ -157,13 +157,13 @@ def to_service_error(exc: BaseException) -> ServiceError:
         if status in (503, 504):
             return ServiceError.unavailable(
                 f"A model service shed this request (overloaded, timed out or not loaded); retry after "
-                f"{SETTINGS.retry_after_s} s. /readyz names the models that are not ready.")
+                f"{SETTINGS.http.retry_after_s} s. /readyz names the models that are not ready.")
         if 400 <= status < 500 and status not in (401, 403):
             return ServiceError(status, CODE_BY_STATUS.get(status, f"http_{status}"), exc.message[:500])
         return ServiceError.internal()
     if isinstance(exc, aiohttp.ClientError | ConnectionError | asyncio.TimeoutError):
         return ServiceError.unavailable(f"A model service did not answer (restarting or overloaded); "
-                                        f"retry after {SETTINGS.retry_after_s} s.")
+                                        f"retry after {SETTINGS.http.retry_after_s} s.")
     return ServiceError.internal()
 
 
@@ -172,7 +172,7 @@ def encode(error: ServiceError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     body = json.dumps(error.payload()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.status in RETRYABLE:
-        headers.append((b"retry-after", str(SETTINGS.retry_after_s).encode()))
+        headers.append((b"retry-after", str(SETTINGS.http.retry_after_s).encode()))
     return body, headers
 
 

@@ -35,21 +35,21 @@ logger = logging.getLogger(__name__)
 
 @bentoml.service(
     name=NAME,
-    # Exactly one worker: sessions are this process's memory (see the module docstring).
-    **model_service_config(workers=1),
+    # One worker (settings enforce it): sessions are this process's memory (services/sessions.py).
+    **model_service_config(workers=SETTINGS.forecast.workers),
 )
 class Forecast(ModelService):
     """Stateful forecast sessions (the entry serves windows itself)."""
 
     name = NAME
-    bento_model = bentoml.models.BentoModel(SETTINGS.forecast_model)
-    threads = SETTINGS.forecast_threads
+    bento_model = bentoml.models.BentoModel(SETTINGS.forecast.model)
+    threads = SETTINGS.forecast.threads
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.model = model
         self.model_spec = ModelSpec.from_metadata(metadata, self.model_info.version)
-        self.store = SessionStore(self.model, self.model_spec, SETTINGS.forecast_max_sessions,
-                                  SETTINGS.forecast_session_ttl_s, device=self.device)
+        self.store = SessionStore(self.model, self.model_spec, SETTINGS.forecast.max_sessions,
+                                  SETTINGS.forecast.session_ttl_s, device=self.device)
         self._stop = threading.Event()
         threading.Thread(target=self._expire_loop, name="forecast-session-ttl", daemon=True).start()
 
@@ -60,19 +60,19 @@ class Forecast(ModelService):
         with torch.inference_mode():
             x = torch.tensor([row_features(rows)], dtype=torch.float32, device=self.device)
             _, state = self.model.sequence(x, self.model.initial_state(1))
-            for batch_size in (1, SETTINGS.forecast_max_batch_size):
+            for batch_size in (1, SETTINGS.forecast.max_batch_size):
                 self.model.step(x[:, -1].expand(batch_size, -1), state.expand(-1, batch_size, -1))
 
     def _expire_loop(self) -> None:
         """Expires idle sessions even when no request arrives, so the gauge stays true."""
-        period = max(1.0, min(30.0, SETTINGS.forecast_session_ttl_s / 4))
+        period = max(1.0, min(30.0, SETTINGS.forecast.session_ttl_s / 4))
         while not self._stop.wait(period):
             self.store.purge_expired()
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only for load/bench.py
-        max_batch_size=SETTINGS.forecast_max_batch_size,
-        max_latency_ms=SETTINGS.forecast_max_latency_ms,
+        max_batch_size=SETTINGS.forecast.max_batch_size,
+        max_latency_ms=SETTINGS.forecast.max_latency_ms,
     )
     def step(self, items: list[StepItem]) -> list[SessionResult]:
         return self.store.step(items)

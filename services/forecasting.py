@@ -138,8 +138,8 @@ class WindowModel:
         self.model, self.metadata, self.model_info, self.device = model, metadata, model_info, device
         self.model_spec = ModelSpec.from_metadata(metadata, model_info.version)
         # What /v1/forecast/spec answers: fixed by the artifact and the settings.
-        self.public_spec = self.model_spec.public(SETTINGS.forecast_max_sessions,
-                                                  SETTINGS.forecast_session_ttl_s)
+        self.public_spec = self.model_spec.public(SETTINGS.forecast.max_sessions,
+                                                  SETTINGS.forecast.session_ttl_s)
 
     @classmethod
     def load(cls, stored, device: str) -> WindowModel:
@@ -147,7 +147,7 @@ class WindowModel:
         windows = cls(*load_stored_model(stored, device), device)
         started = time.perf_counter()
         request = ForecastRequest(rows=warm_up_rows(windows.model_spec))
-        for batch_size in (1, SETTINGS.forecast_max_batch_size):
+        for batch_size in (1, SETTINGS.forecast.max_batch_size):
             windows.forecast([request] * batch_size)
         logger.info("forecast windows %s warmed up on %s in %.2f s", windows.model_spec.version, device,
                     time.perf_counter() - started)

@@ -92,7 +92,7 @@ class Batcher(Generic[Item, Result]):
     def _shed(self) -> Any:
         raise ServiceError.unavailable(f"The {self.name} batcher is overloaded: this request could not "
                                        f"be served within max_latency_ms; retry after "
-                                       f"{SETTINGS.retry_after_s} s.")
+                                       f"{SETTINGS.http.retry_after_s} s.")
 
     async def __call__(self, items: list[Item]) -> list[Result]:
         if not items:

@@ -44,7 +44,7 @@ def model_service_config(*, workers: int) -> dict[str, Any]:
     """The ``@bentoml.service`` options every model service shares."""
     return {
         "workers": workers,
-        "traffic": {"timeout": SETTINGS.timeout_s},
+        "traffic": {"timeout": SETTINGS.http.timeout_s},
         # BentoML 1.4.40's client in the entry replaces its aiohttp session every 100 requests (the
         # default runner_connection.max_requests) and closes the old one while requests are still in
         # flight on it: ServerDisconnectedError under load (bentoml/BentoML#5540, #5698). Calls go
@@ -68,7 +68,7 @@ class ModelService:
         torch.set_num_threads(self.threads)
         self.device = SETTINGS.torch_device()
         self.model_info: ModelInfo | None = None
-        defer_sigterm(ENTRY_SERVICE, SETTINGS.timeout_s + 5.0)
+        defer_sigterm(ENTRY_SERVICE, SETTINGS.http.timeout_s + 5.0)
         self.loaded = InProcessModel(self.name, self._load)
 
     def _load(self) -> ModelService:

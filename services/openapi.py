@@ -155,7 +155,9 @@ class Docs:
             await self.app(scope, receive, send)
             return
         if self.body is None:
-            spec = patch_openapi(self.service.openapi_spec.asdict(), service=self.service, **self.options)
+            # Through JSON first, as BentoML serves it: its dict has integer status keys.
+            generated = json.loads(json.dumps(self.service.openapi_spec.asdict()))
+            spec = patch_openapi(generated, service=self.service, **self.options)
             self.body = json.dumps(spec).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())]})

@@ -18,23 +18,32 @@ import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, 
 from models.text import Vocab
 from services.artifacts import load_stored_model
 from services.batching import LengthGrouping, collate, run_in_groups, split
+from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import INFERENCE_SECONDS
 from services.schemas.common import ModelInfo
-from services.schemas.sentiment import MAX_TOKENS, SentimentResult
+from services.schemas.sentiment import SentimentResult
 from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 NAME = "sentiment"
-WARMUP_LENGTHS = (1, 4, 16, 64, MAX_TOKENS)
+WARMUP_LENGTHS = (1, 4, 16, 64)  # and the artifact's max_tokens
 
 
-def encode(vocab: Vocab, texts: list[str]) -> list[list[int]]:
-    """Token ids per text. Texts were validated upstream to hold 1..MAX_TOKENS tokens."""
+def encode(vocab: Vocab, texts: list[str], max_tokens: int,
+           fields: list[str] | None = None) -> list[list[int]]:
+    """Token ids per text, each checked once against the model's limit: a text with no token or
+    more than ``max_tokens`` is a 400 naming its field (``fields[i]``, else ``texts[i]``)."""
     encoded = [vocab.encode(text) for text in texts]
-    for text, ids in zip(texts, encoded, strict=True):
-        if not ids or len(ids) > MAX_TOKENS:
-            raise ValueError(f"text of {len(ids)} tokens reached the model: {text[:40]!r}")
+    for index, ids in enumerate(encoded):
+        field = fields[index] if fields is not None else f"texts[{index}]"
+        if not ids:
+            raise ServiceError(400, "validation_error", f"{field}: the text holds no word or punctuation "
+                               "token", field)
+        if len(ids) > max_tokens:
+            raise ServiceError(400, "validation_error", f"{field}: the text has {len(ids)} tokens; the "
+                               f"limit is {max_tokens}. Split it into shorter texts; it is never truncated",
+                               field)
     return encoded
 
 
@@ -58,27 +67,26 @@ def to_results(probabilities: torch.Tensor, lengths: list[int], labels: list[str
     return results
 
 
-def classify(model: torch.nn.Module, vocab: Vocab, labels: list[str], texts: list[str],
-             device: str = "cpu", grouping: LengthGrouping | None = None) -> list[SentimentResult]:
-    """The whole batched path: texts in, one result per text out, in order.
+def classify(model: torch.nn.Module, labels: list[str], encoded: list[list[int]], device: str = "cpu",
+             grouping: LengthGrouping | None = None) -> list[SentimentResult]:
+    """The whole batched path: token ids in (``encode``), one result per text out, in order.
 
     With ``grouping``, the batch is split into length groups when that lowers padding cost
     (``services.batching.plan_groups``); results are the same either way.
     """
-    if not texts:
+    if not encoded:
         return []
 
     def run(sequences: list[list[int]]) -> list[SentimentResult]:
         tokens, lengths, order = collate(sequences, NAME, device)
         return split(to_results(predict(model, tokens, lengths), lengths.tolist(), labels), order)
 
-    encoded = encode(vocab, texts)
     return run_in_groups(encoded, [len(ids) for ids in encoded], run, grouping)
 
 
 def grouping_from_settings() -> LengthGrouping:
-    return LengthGrouping(SETTINGS.sentiment_length_groups, SETTINGS.sentiment_group_step_tokens,
-                          SETTINGS.sentiment_group_call_tokens)
+    return LengthGrouping(SETTINGS.sentiment.length_groups, SETTINGS.sentiment.group_step_tokens,
+                          SETTINGS.sentiment.group_call_tokens)
 
 
 class SentimentModel:
@@ -93,6 +101,7 @@ class SentimentModel:
         self.model, self.metadata, self.model_info, self.device = model, metadata, model_info, device
         self.vocab = Vocab(metadata["vocab"])
         self.labels = list(metadata["labels"])
+        self.max_tokens = int(metadata["max_tokens"])  # the limit the model was trained and exported for
         self.grouping = grouping_from_settings()
 
     @classmethod
@@ -107,25 +116,26 @@ class SentimentModel:
 
     def warm_up(self) -> None:
         """Runs every warm-up length at batch 1 and at the full batch."""
-        word = self.vocab.itos[2]
-        for length in WARMUP_LENGTHS:
-            text = " ".join([word] * length)
-            for batch_size in (1, SETTINGS.sentiment_max_batch_size):
-                classify(self.model, self.vocab, self.labels, [text] * batch_size, self.device)
+        for length in (*WARMUP_LENGTHS, self.max_tokens):
+            for batch_size in (1, SETTINGS.sentiment.max_batch_size):
+                self.classify([[2] * length] * batch_size)
 
-    def classify(self, texts: list[str]) -> list[SentimentResult]:
-        return classify(self.model, self.vocab, self.labels, texts, self.device, self.grouping)
+    def encode(self, texts: list[str], fields: list[str] | None = None) -> list[list[int]]:
+        return encode(self.vocab, texts, self.max_tokens, fields)
+
+    def classify(self, encoded: list[list[int]]) -> list[SentimentResult]:
+        return classify(self.model, self.labels, encoded, self.device, self.grouping)
 
 
-@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.sentiment_workers))
+@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.sentiment.workers))
 class Sentiment(ModelService):
     """The sentiment model alone, as its own BentoML service (``bentoml serve
     services.sentiment:Sentiment``): a batchable ``/classify`` for a dedicated deployment. The public
     API (services/api.py) runs the same ``SentimentModel`` inside its own workers instead."""
 
     name = NAME
-    bento_model = bentoml.models.BentoModel(SETTINGS.sentiment_model)
-    threads = SETTINGS.sentiment_threads
+    bento_model = bentoml.models.BentoModel(SETTINGS.sentiment.model)
+    threads = SETTINGS.sentiment.threads
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.runner = SentimentModel(model, metadata, self.model_info, self.device)
@@ -135,8 +145,8 @@ class Sentiment(ModelService):
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only to measure what batching buys (load/bench.py)
-        max_batch_size=SETTINGS.sentiment_max_batch_size,
-        max_latency_ms=SETTINGS.sentiment_max_latency_ms,
+        max_batch_size=SETTINGS.sentiment.max_batch_size,
+        max_latency_ms=SETTINGS.sentiment.max_latency_ms,
     )
     def classify(self, texts: list[str]) -> list[SentimentResult]:
-        return self.runner.classify(texts)
+        return self.runner.classify(self.runner.encode(texts))

@@ -188,11 +188,11 @@ def sse_frame(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=True)}\n\n"
 
 
-@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.translate_workers))
+@bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.translate.workers))
 class Translate(ModelService):
     name = NAME
-    bento_model = bentoml.models.BentoModel(SETTINGS.translate_model)
-    threads = SETTINGS.translate_threads
+    bento_model = bentoml.models.BentoModel(SETTINGS.translate.model)
+    threads = SETTINGS.translate.threads
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.model, self.codec = model, Codec(metadata)
@@ -205,7 +205,7 @@ class Translate(ModelService):
         short, long = "Hello.", ("I think so. " * (MAX_TEXT_CHARS // 12))[:MAX_TEXT_CHARS].strip()
         for text in (short, long):
             for beam_size in (1, 4):
-                for batch_size in (1, SETTINGS.translate_max_batch_size):
+                for batch_size in (1, SETTINGS.translate.max_batch_size):
                     item = TranslateItem(text=text, beam_size=beam_size, max_length=8)
                     translate(self.model, self.codec, [item] * batch_size, self.device)
         for _ in stream_tokens(self.model, self.codec, short, 8, self.device):
@@ -213,8 +213,8 @@ class Translate(ModelService):
 
     @bentoml.api(
         batchable=True,
-        max_batch_size=SETTINGS.translate_max_batch_size,
-        max_latency_ms=SETTINGS.translate_max_latency_ms,
+        max_batch_size=SETTINGS.translate.max_batch_size,
+        max_latency_ms=SETTINGS.translate.max_latency_ms,
     )
     def translate(self, items: list[TranslateItem]) -> list[Translation]:
         return translate(self.model, self.codec, items, self.device)

@@ -19,10 +19,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from services.schemas.common import ModelInfo
 from services.settings import SETTINGS
 
-MAX_IMAGE_BYTES = SETTINGS.caption_max_image_bytes
-MAX_IMAGE_PIXELS = SETTINGS.caption_max_image_pixels
-MAX_BEAM_SIZE = SETTINGS.caption_max_beam_size
-MAX_LENGTH = SETTINGS.caption_max_length
+MAX_IMAGE_BYTES = SETTINGS.caption.max_image_bytes
+MAX_IMAGE_PIXELS = SETTINGS.caption.max_image_pixels
+MAX_BEAM_SIZE = SETTINGS.caption.max_beam_size
+MAX_LENGTH = SETTINGS.caption.max_length
 # base64 grows 4/3; leave room for a data URL prefix and line breaks. Past this the string is
 # refused before decoding; under it, the decoded byte count is checked against MAX_IMAGE_BYTES (413).
 MAX_BASE64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4 + 4096

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.schemas.common import ModelInfo
 from services.settings import SETTINGS
 
-MAX_ROWS = SETTINGS.forecast_max_rows
+MAX_ROWS = SETTINGS.forecast.max_rows
 # Price bounds keep every log return finite: log(MAX_PRICE / MIN_PRICE) is about 35.
 MIN_PRICE, MAX_PRICE, MAX_VOLUME = 1e-6, 1e9, 1e15
 # Bar dates: beyond these no market data exists, and past 9999-12-31 no forecast date can be named.

@@ -14,10 +14,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from services.schemas.common import ModelInfo
 from services.settings import SETTINGS
 
-MAX_ITEMS = SETTINGS.max_items
-MAX_TEXT_CHARS = SETTINGS.translate_max_text_chars
-MAX_LENGTH = SETTINGS.translate_max_length
-MAX_BEAM_SIZE = SETTINGS.translate_max_beam_size
+MAX_ITEMS = SETTINGS.http.max_items
+MAX_TEXT_CHARS = SETTINGS.translate.max_text_chars
+MAX_LENGTH = SETTINGS.translate.max_length
+MAX_BEAM_SIZE = SETTINGS.translate.max_beam_size
 DEFAULT_BEAM_SIZE = 4
 DEFAULT_LENGTH_PENALTY = 1.0
 

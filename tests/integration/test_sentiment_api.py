@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,11 +13,13 @@ from services.schemas.sentiment import (
     EXAMPLE_TEXTS,
     MAX_ITEMS,
     MAX_TEXT_CHARS,
-    MAX_TOKENS,
     SENTIMENT_EXAMPLE,
     SENTIMENT_SINGLE_EXAMPLE,
 )
-from tests.conftest import batch_histogram
+from tests.conftest import ARTIFACTS, batch_histogram
+
+# The token limit is the artifact's own (services/sentiment.py reads it from the model).
+MAX_TOKENS = json.loads((ARTIFACTS / "sentiment" / "metadata.json").read_text())["max_tokens"]
 
 
 def test_single_text_gets_label_score_probabilities_and_model(client):
@@ -57,6 +60,8 @@ BAD_INPUTS = [
     ("too many items", {"texts": ["a"] * (MAX_ITEMS + 1)}, 400, f"at most {MAX_ITEMS} items"),
     ("too many characters", {"text": "a" * (MAX_TEXT_CHARS + 1)}, 400, str(MAX_TEXT_CHARS)),
     ("too many tokens", {"text": "ok " * (MAX_TOKENS + 1)}, 400, f"the limit is {MAX_TOKENS}"),
+    ("at the token limit", {"text": "ok " * MAX_TOKENS}, 200, '"tokens"'),
+    ("too many tokens in a list", {"texts": ["fine", "ok " * (MAX_TOKENS + 1)]}, 400, "texts[1]"),
     ("neither field", {}, 400, "exactly one of"),
     ("unknown field", {"text": "a", "language": "en"}, 400, "Extra inputs are not permitted"),
     ("list body", ["good"], 400, "Input should be an object"),

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from models.sentiment import SentimentConfig, SentimentRNN
 from models.text import Vocab, build_vocab
 from services.batching import LengthGrouping, collate, padded_positions, plan_groups, run_in_groups
-from services.sentiment import classify
+from services.sentiment import classify, encode
 
 WORDS = ["the", "film", "is", "a", "great", "and", "warm", "but", "thin", "plot", "with", "bad",
          "acting", "that", "never", "ends"]
@@ -99,9 +99,10 @@ def test_grouped_classify_equals_ungrouped_and_single_calls():
     labels = ["negative", "positive"]
     grouping = LengthGrouping(max_groups=4, step_tokens=1, call_tokens=8)
     assert len(plan_groups([len(vocab.encode(t)) for t in texts], grouping)) > 1  # really grouped
-    whole = classify(model, vocab, labels, texts)
-    grouped = classify(model, vocab, labels, texts, grouping=grouping)
-    singles = [classify(model, vocab, labels, [t])[0] for t in texts]
+    encoded = encode(vocab, texts, max_tokens=1000)
+    whole = classify(model, labels, encoded)
+    grouped = classify(model, labels, encoded, grouping=grouping)
+    singles = [classify(model, labels, [ids])[0] for ids in encoded]
     for one, a, b in zip(singles, whole, grouped, strict=True):
         assert a.tokens == b.tokens == one.tokens
         probs = torch.tensor([list(r.probabilities.values()) for r in (one, a, b)])

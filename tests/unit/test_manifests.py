@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -178,7 +177,7 @@ def test_graceful_shutdown_outlasts_prestop_and_request_timeout(overlay):
     pod = kind(docs, "Deployment")["spec"]["template"]["spec"]
     pre_stop = container(docs)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    timeout = int(config(docs).get(PREFIX + "TIMEOUT_S", Settings.timeout_s))
+    timeout = int(config(docs).get(PREFIX + "TIMEOUT_S", Settings().http.timeout_s))
     assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + timeout
 
 
@@ -200,12 +199,17 @@ def test_resources_and_device(overlay):
 def test_configmap_holds_real_settings_and_every_batching_knob(overlay):
     _, _, docs = overlay
     data = config(docs)
-    known = {PREFIX + field.name.upper() for field in fields(Settings)}
+    known = set(Settings.env_names().values())
     assert data.keys() <= known, f"not a setting in services/settings.py: {sorted(data.keys() - known)}"
+    # The image runs the composed entry (bentoml serve services.api:Api): a variable it never reads
+    # would only look like configuration.
+    read = Settings.read_by_entry()
+    unread = sorted(data.keys() - set(read.values()))
+    assert not unread, f"set in deploy/ but never read by the process it configures: {unread}"
     Settings.from_env(data)  # every value parses and passes the settings' own checks
-    knobs = {PREFIX + field.name.upper() for field in fields(Settings)
-             if field.name == "device" or field.name.endswith(
-                 ("_max_batch_size", "_max_latency_ms", "_workers", "_threads"))}
+    knobs = {env for path, env in read.items()
+             if path == "device"
+             or path.endswith((".max_batch_size", ".max_latency_ms", ".workers", ".threads"))}
     missing = sorted(knobs - data.keys())
     assert not missing, f"add to deploy/k8s/base/config.env (and the gpu overlay): {missing}"
 

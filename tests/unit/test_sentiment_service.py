@@ -7,8 +7,9 @@ from pydantic import ValidationError
 from models.sentiment import SentimentConfig, SentimentRNN
 from models.text import Vocab, build_vocab
 from services.batching import collate, padding_ratio, split
-from services.schemas.sentiment import MAX_ITEMS, MAX_TEXT_CHARS, MAX_TOKENS, SentimentRequest
-from services.sentiment import classify
+from services.errors import ServiceError
+from services.schemas.sentiment import MAX_ITEMS, MAX_TEXT_CHARS, SentimentRequest
+from services.sentiment import classify, encode
 
 TEXTS = ["a truly great film", "bad", "the plot is thin but the acting is great and warm", "great"]
 
@@ -38,8 +39,9 @@ def test_padding_ratio():
 
 def test_batched_classify_equals_single_calls_in_request_order(tiny):
     model, vocab, labels = tiny
-    batched = classify(model, vocab, labels, TEXTS)
-    singles = [classify(model, vocab, labels, [text])[0] for text in TEXTS]
+    encoded = encode(vocab, TEXTS, max_tokens=16)
+    batched = classify(model, labels, encoded)
+    singles = [classify(model, labels, [ids])[0] for ids in encoded]
     assert [r.tokens for r in batched] == [4, 1, 11, 1]
     for one, many in zip(singles, batched, strict=True):
         assert one.label == many.label
@@ -61,7 +63,6 @@ def test_request_accepts_one_text_or_a_list():
         ({"texts": []}, "at least 1 item"),
         ({"texts": ["a"] * (MAX_ITEMS + 1)}, f"at most {MAX_ITEMS} items"),
         ({"text": "x" * (MAX_TEXT_CHARS + 1)}, f"at most {MAX_TEXT_CHARS} characters"),
-        ({"text": "word " * (MAX_TOKENS + 1)}, f"the limit is {MAX_TOKENS}"),
         ({}, "exactly one of"),
         ({"text": "a", "texts": ["b"]}, "exactly one of"),
         ({"text": "a", "lang": "en"}, "Extra inputs are not permitted"),
@@ -70,3 +71,16 @@ def test_request_accepts_one_text_or_a_list():
 def test_bad_requests_are_rejected_with_the_limit(body, message):
     with pytest.raises(ValidationError, match=message):
         SentimentRequest.model_validate(body)
+
+
+def test_tokens_are_counted_once_against_the_models_limit_and_the_400_names_the_item(tiny):
+    _, vocab, _ = tiny
+    assert [len(ids) for ids in encode(vocab, ["great film", "bad " * 5], max_tokens=5)] == [2, 5]
+    with pytest.raises(ServiceError) as raised:
+        encode(vocab, ["fine", "bad " * 6], max_tokens=5)
+    error = raised.value
+    assert (error.status, error.field) == (400, "texts[1]")
+    assert "6 tokens; the limit is 5" in error.message
+    with pytest.raises(ServiceError, match="no word or punctuation token") as raised:
+        encode(vocab, [""], max_tokens=5, fields=["text"])
+    assert raised.value.field == "text"
