@@ -11,6 +11,7 @@ forwards them with ``bentoml.depends``, and shapes the responses.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -21,12 +22,13 @@ import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, 
 from services.admission import Body, Deadline, InFlight, Routes, Token
 from services.body_checks import form_specs
 from services.caption import Caption, caption_response, prepare_item, read_upload
-from services.errors import ServiceError
+from services.errors import ServiceError, to_service_error
 from services.forecast import Forecast, session_answer, window_response
 from services.forecasting import WindowModel
 from services.inprocess import Batcher, InProcessModel
 from services.lifecycle import Readyz
 from services.metrics import FORECAST_REQUESTS_TOTAL
+from services.observability import RequestId
 from services.openapi import Docs
 from services.schemas.caption import (
     BeamSize,
@@ -51,32 +53,48 @@ from services.schemas.forecast import (
     check_forecast,
 )
 from services.schemas.sentiment import SentimentRequest, SentimentResponse
+from services.schemas.status import ModelStatus
 from services.schemas.translate import TranslateRequest, TranslateResponse, TranslateStreamRequest
 from services.sentiment import SentimentModel
 from services.settings import SETTINGS
 from services.translate import Translate
 
+# Model services this process tree starts itself (no URL set: the embedded default, `make serve`); the
+# others run on their own (deploy/k8s: one Deployment per model) and are reached by URL.
+EMBEDDED = tuple(name for name, block in (("forecast", SETTINGS.forecast), ("caption", SETTINGS.caption),
+                                          ("translate", SETTINGS.translate)) if not block.url)
+# BentoML's own dependency probe waits runner_probe.timeout (1 s) per service: the same here, so that
+# /readyz answers well within the Kubernetes probes' timeoutSeconds (3).
+DEPENDENCY_PROBE_TIMEOUT_S = 1
+STATUS_TIMEOUT_S = 2.0  # GET /v1/models: a model service that has not answered by then is unavailable
+
 
 @bentoml.service(name="rnnserve", workers=SETTINGS.http.api_workers,
                   traffic={"timeout": SETTINGS.http.timeout_s},
                   backlog=SETTINGS.http.api_backlog,
+                  # Readiness is __is_ready__'s alone: BentoML's probe would also wait for the model
+                  # services reached by URL, which are ready (or not) on their own.
+                  runner_probe={"enabled": False},
                   **SETTINGS.observability(access_log=True))
 class Api:
     # Run in this worker (services/inprocess.py): checksum-verified from the model store by tag.
     sentiment_model = bentoml.models.BentoModel(SETTINGS.sentiment.model)
     forecast_model = bentoml.models.BentoModel(SETTINGS.forecast.model)
     # Own services: sessions (one process holds them), captioning and translation.
-    forecast = bentoml.depends(Forecast)
-    caption = bentoml.depends(Caption)
-    translate = bentoml.depends(Translate)
+    # With RNNSERVE_<MODEL>_URL set, bentoml.depends(url=...) calls that service there (JSON over HTTP)
+    # and `bentoml serve` does not start it.
+    forecast = bentoml.depends(Forecast, url=SETTINGS.forecast.url or None)
+    caption = bentoml.depends(Caption, url=SETTINGS.caption.url or None)
+    translate = bentoml.depends(Translate, url=SETTINGS.translate.url or None)
 
     def __init__(self) -> None:
         torch.set_num_threads(SETTINGS.http.api_threads)
-        device = SETTINGS.torch_device()
         batching = SETTINGS.batching == "on"
-        self.sentiment = InProcessModel("sentiment",
-                                        lambda: SentimentModel.load(self.sentiment_model, device))
-        self.windows = InProcessModel("forecast", lambda: WindowModel.load(self.forecast_model, device))
+        # The device is resolved inside each load: cuda without a usable GPU keeps only that model out.
+        self.sentiment = InProcessModel(
+            "sentiment", lambda: SentimentModel.load(self.sentiment_model, SETTINGS.torch_device()))
+        self.windows = InProcessModel(
+            "forecast", lambda: WindowModel.load(self.forecast_model, SETTINGS.torch_device()))
         largest = max(SETTINGS.sentiment.max_batch_size, SETTINGS.forecast.max_batch_size)
         self.sentiment_batcher = Batcher(
             "sentiment", lambda encoded: self.sentiment.get().classify(encoded), method_name="classify",
@@ -91,8 +109,27 @@ class Api:
         self._model_info: dict[str, ModelInfo] = {}
         self._caption_spec: CaptionSpec | None = None
 
-    def __is_ready__(self) -> bool:
-        return self.sentiment.ready and self.windows.ready
+    async def __is_ready__(self) -> bool:
+        """Ready when what this process tree serves is: the models in this worker and the model
+        services it started itself. A service reached by URL is not waited for: while it is down only
+        its own endpoints answer 503, and /v1/models says so."""
+        if not (self.sentiment.ready and self.windows.ready):
+            return False
+        clients = [getattr(self, name) for name in EMBEDDED]
+        checks = [client.is_ready(DEPENDENCY_PROBE_TIMEOUT_S) for client in clients
+                  if hasattr(client, "is_ready")]
+        try:
+            return all(await asyncio.gather(*checks))
+        except Exception:  # a worker restarting refuses connections: not ready, and /readyz says which
+            return False
+
+    async def _status(self, name: str, service) -> ModelStatus:
+        try:
+            info = await asyncio.wait_for(service.to_async.info(), STATUS_TIMEOUT_S)
+        except Exception as exc:
+            return ModelStatus.unavailable(name, to_service_error(exc).message)
+        self._model_info[name] = ModelInfo.model_validate(info, from_attributes=True)
+        return ModelStatus.ready(self._model_info[name])
 
     async def _info(self, name: str, service) -> ModelInfo:
         if name not in self._model_info:
@@ -224,17 +261,22 @@ class Api:
             yield buffer + "\n\n"
 
     @bentoml.api(route="/v1/models")
-    async def models(self) -> list[ModelInfo]:
-        """Every model this server answers with: name, version, cell and held-out metrics."""
-        return [self.sentiment.get().model_info,
-                self.windows.get().model_info,
-                await self._info("caption", self.caption),
-                await self._info("translate", self.translate)]
+    async def models(self) -> list[ModelStatus]:
+        """Every model and its state: ready (name, version, cell, held-out metrics) or unavailable
+        (and why). A model that is down does not fail this call."""
+        local = [ModelStatus.ready(model.get().model_info) if model.ready else
+                 ModelStatus.unavailable(model.name, model.error or "not loaded")
+                 for model in (self.sentiment, self.windows)]
+        remote = await asyncio.gather(self._status("caption", self.caption),
+                                      self._status("translate", self.translate))
+        return [*local, *remote]
 
 
-# Outermost first (services/admission.py): routes, readiness and docs, then the admission of API
+# Outermost first (services/admission.py): the request id (services/observability.py), routes,
+# readiness and docs, then the admission of API
 # requests. Caption routes take a base64 or uploaded image, so their body limit follows the image limit.
 BODY_LIMITS = {"/v1/caption": (SETTINGS.caption.max_image_bytes + 2) // 3 * 4 + (1 << 16)}
+Api.add_asgi_middleware(RequestId, max_chars=SETTINGS.http.max_request_id_chars)
 Api.add_asgi_middleware(Routes, api_routes=[method.route for method in Api.apis.values()])
 Api.add_asgi_middleware(Readyz, service=Api)
 Api.add_asgi_middleware(Docs, service=Api, prefix="/v1/", token_paths=SETTINGS.http.api_token_paths,

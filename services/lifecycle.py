@@ -30,6 +30,7 @@ import torch
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import services.bentoml_compat  # BentoML patched (no URL fetches, one error shape) in every process
+import services.observability  # request ids and the log format in every process
 from services.artifacts import load_stored_model
 from services.errors import ServiceError, error_response, log_error, send_error, to_service_error
 from services.inprocess import REGISTRY, InProcessModel
@@ -66,12 +67,13 @@ class ModelService:
 
     def __init__(self) -> None:
         torch.set_num_threads(self.threads)
-        self.device = SETTINGS.torch_device()
+        self.device = "cpu"  # until _load: a device that is not usable keeps only this model out
         self.model_info: ModelInfo | None = None
         defer_sigterm(ENTRY_SERVICE, SETTINGS.http.timeout_s + 5.0)
         self.loaded = InProcessModel(self.name, self._load)
 
     def _load(self) -> ModelService:
+        self.device = SETTINGS.torch_device()
         model, metadata, self.model_info = load_stored_model(self.bento_model, self.device)
         self.setup(model, metadata)
         started = time.perf_counter()

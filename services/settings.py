@@ -49,6 +49,17 @@ class ModelSettings(Group):
     threads: int = Field(1, ge=1, description="Torch intra-op threads per process.")
 
 
+class RemoteModelSettings(ModelSettings):
+    """A model the entry reaches through its own BentoML service (forecast sessions, caption, translate)."""
+
+    # Empty: `bentoml serve services.api:Api` starts the service in its own process tree (the embedded
+    # default, `make serve`). A URL: the service runs elsewhere (its own Kubernetes Deployment, deploy/
+    # k8s) and the entry calls it there (bentoml.depends(url=...)); the entry's readiness then no
+    # longer depends on it, and while it is down only its own endpoints answer 503.
+    url: str = Field("", pattern=r"^(https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/?)?$",
+                     description="Base URL of the model's own service, e.g. http://rnnserve-translate:3000.")
+
+
 class SentimentSettings(ModelSettings):
     prefix = "SENTIMENT_"
     model: str = "sentiment:latest"
@@ -63,7 +74,7 @@ class SentimentSettings(ModelSettings):
     group_call_tokens: int = Field(740, ge=1)
 
 
-class ForecastSettings(ModelSettings):
+class ForecastSettings(RemoteModelSettings):
     prefix = "FORECAST_"
     model: str = "forecast:latest"
     workers: int = Field(1, ge=1, le=1, description="Sessions live in one process's memory.")
@@ -72,7 +83,7 @@ class ForecastSettings(ModelSettings):
     session_ttl_s: int = Field(900, ge=1, description="Idle seconds before a session expires.")
 
 
-class CaptionSettings(ModelSettings):
+class CaptionSettings(RemoteModelSettings):
     prefix = "CAPTION_"
     model: str = "caption:latest"
     max_batch_size: int = Field(32, ge=2)
@@ -84,7 +95,7 @@ class CaptionSettings(ModelSettings):
     max_length: int = Field(64, ge=1)
 
 
-class TranslateSettings(ModelSettings):
+class TranslateSettings(RemoteModelSettings):
     prefix = "TRANSLATE_"
     model: str = "translate:latest"
     max_batch_size: int = Field(32, ge=2)
@@ -115,6 +126,9 @@ class HttpSettings(Group):
     # option; a longer value is refused with 400 before BentoML parses it.
     max_form_field_bytes: int = Field(64, ge=1)
     max_in_flight: int = Field(256, ge=1)
+    # X-Request-ID (services/observability.py): a caller's id of at most this many characters from
+    # [A-Za-z0-9._:-] is kept, anything else is replaced by a generated one; echoed and logged.
+    max_request_id_chars: int = Field(128, ge=16, le=1024)
     # When api_token is set, POSTs under the comma-separated prefixes of api_token_paths (the
     # state-changing session endpoints) need "Authorization: Bearer <token>".
     api_token: str = ""
@@ -132,6 +146,8 @@ class Settings(Group):
     # measurable share of peak throughput (load/RESULTS.md); /metrics counts every request either way.
     tracing: Literal["on", "off"] = "off"
     access_log: Literal["on", "off"] = "off"
+    # Log lines as text (BentoML's format) or as one JSON object per line, each with its request id.
+    log_format: Literal["text", "json"] = "text"
     http: HttpSettings = HttpSettings()
     sentiment: SentimentSettings = SentimentSettings()
     forecast: ForecastSettings = ForecastSettings()
@@ -192,11 +208,25 @@ class Settings(Group):
         return config
 
     def torch_device(self) -> str:
-        if self.device != "auto":
-            return self.device
+        """The torch device models load on. ``cuda`` without a usable GPU raises an ``ArtifactError``
+        naming the cause, so that the load path keeps only that model out (not ready, its endpoints
+        answer 503, the worker stays up: no crash loop); called where each model loads."""
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            return "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        from models.artifact import ArtifactError
+
+        if torch.version.cuda is None:
+            problem = f"this torch ({torch.__version__}) is a CPU-only build: run the GPU image"
+        elif not torch.cuda.is_available():
+            problem = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU: is "
+                       "nvidia.com/gpu requested and the NVIDIA device plugin and driver installed?")
+        else:
+            return "cuda"
+        raise ArtifactError(f"RNNSERVE_DEVICE=cuda, but {problem} (or set RNNSERVE_DEVICE=cpu)")
 
 
 SETTINGS = Settings.from_env()

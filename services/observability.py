@@ -1,0 +1,131 @@
+"""Request ids and log format: an ``X-Request-ID`` on every request and response and in every log line.
+
+- ``RequestId`` (an ASGI middleware of the entry, services/api.py): a caller's ``X-Request-ID`` is kept
+  when it is 1..``max_chars`` characters of ``[A-Za-z0-9._:-]`` (``SETTINGS.http.max_request_id_chars``);
+  anything else (absent, too long, other characters: it ends up in log lines, so no control or quote
+  characters get there) is replaced by a generated id. The id is echoed in the response header, set in
+  ``REQUEST_ID`` for the rest of the request, and written by ``RequestIdFilter`` into every log record.
+  It does not depend on BentoML's tracing, which is off by default (and with it BentoML's own id).
+- ``configure_logging``: every handler BentoML's worker installed gets the filter, and either a JSON
+  formatter (``RNNSERVE_LOG_FORMAT=json``: one object per line) or BentoML's text format with
+  `` (request_id=...)`` appended when a request is being served. Runs once per process at import.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.settings import SETTINGS
+
+HEADER = b"x-request-id"
+ID_CHARACTERS = re.compile(r"[A-Za-z0-9._:\-]+")
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("rnnserve_request_id", default=None)
+
+
+def accepted_id(value: bytes | None, max_chars: int) -> str | None:
+    """The caller's id when it is acceptable, else None."""
+    if value is None or not 0 < len(value) <= max_chars:
+        return None
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return text if ID_CHARACTERS.fullmatch(text) else None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RequestId:
+    """Accepts or generates the request id, echoes it in ``X-Request-ID`` and sets ``REQUEST_ID``.
+
+    Outermost among the entry's middlewares, so that every answer, refusals included, carries it. The
+    id is not reset when the request ends: uvicorn runs each request in a task of its own, and BentoML's
+    access log line (written by a middleware outside this one) must still see it.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_chars: int) -> None:
+        self.app, self.max_chars = app, max_chars
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = [value for name, value in scope["headers"] if name == HEADER]
+        request_id = (accepted_id(given[0], self.max_chars) if len(given) == 1 else None) or new_id()
+        REQUEST_ID.set(request_id)
+        encoded = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
+                message = {**message, "headers": [*headers, (HEADER, encoded)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class RequestIdFilter(logging.Filter):
+    """Sets ``record.request_id`` (after BentoML's own filter, which sets its tracing id there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, component, message, request_id (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "component": getattr(record, "component", "").strip("[]") or None,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class TextWithRequestId(logging.Formatter):
+    """BentoML's text format, with `` (request_id=...)`` appended while a request is served."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{text} (request_id={request_id})" if request_id else text
+
+
+def configure_logging(log_format: Literal["text", "json"]) -> list[logging.Handler]:
+    """Adds the filter and the formatter to every handler of the root and ``bentoml`` loggers (those
+    BentoML's worker configured before it imported the service); returns the handlers changed."""
+    handlers: list[logging.Handler] = []
+    for logger in (logging.getLogger(), logging.getLogger("bentoml"), logging.getLogger("uvicorn.error")):
+        for handler in logger.handlers:
+            if handler in handlers or any(isinstance(f, RequestIdFilter) for f in handler.filters):
+                continue
+            handler.addFilter(RequestIdFilter())
+            handler.setFormatter(JsonFormatter() if log_format == "json"
+                                 else TextWithRequestId(handler.formatter))
+            handlers.append(handler)
+    return handlers
+
+
+configure_logging(SETTINGS.log_format)
