@@ -8,9 +8,9 @@
 3. ``InFlight``: at most ``max_in_flight`` API requests in progress per worker (503 + Retry-After).
    BentoML's own ``traffic.max_concurrency`` is not used: its 429 carries no Retry-After.
 4. ``Body``: the media type the endpoint takes (415), the body limit (413, from Content-Length and
-   while streaming), and a body that no parser should see (400: invalid UTF-8 or JSON, too deep, a
-   number out of float range, a multipart form unlike the one the endpoint declares;
-   ``services/body_checks.py``).
+   while streaming), the time to receive it (408), and a body that no parser should see (400:
+   invalid UTF-8 or JSON, too deep, a number out of float range, a multipart form unlike the one
+   the endpoint declares; ``services/body_checks.py``).
 5. ``Deadline``: no answer started within the timeout is a 503 ``timeout``.
 
 Each refuses with a ``ServiceError`` written by ``services.errors.send_error``; the API routes under
@@ -145,8 +145,8 @@ class Body:
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_limits: dict[str, int] | None = None,
                  media_types: dict[str, str] | None = None, forms: dict[str, FormSpec] | None = None,
-                 max_json_depth: int, prefix: str = "/v1/") -> None:
-        self.app, self.prefix = app, prefix
+                 max_json_depth: int, body_timeout_s: float = 20.0, prefix: str = "/v1/") -> None:
+        self.app, self.prefix, self.body_timeout_s = app, prefix, body_timeout_s
         self.max_body_bytes, self.body_limits = max_body_bytes, dict(body_limits or {})
         self.media_types = {path: kind.encode() for path, kind in (media_types or {}).items()}
         self.forms, self.max_json_depth = dict(forms or {}), max_json_depth
@@ -179,7 +179,13 @@ class Body:
         if declared > limit:
             await send_error(send, too_large(limit, declared))
             return
-        body, last, over = await read_body(receive, limit)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                body, last, over = await read_body(receive, limit)
+        except TimeoutError:
+            await send_error(send, ServiceError(408, "body_timeout", f"The body did not arrive within "
+                                                f"{self.body_timeout_s:g} s."))
+            return
         if over:
             await send_error(send, too_large(limit))
             return

@@ -287,6 +287,7 @@ Api.add_asgi_middleware(Token, token=SETTINGS.http.api_token, paths=SETTINGS.htt
 Api.add_asgi_middleware(InFlight, limit=SETTINGS.http.max_in_flight)
 Api.add_asgi_middleware(Body, max_body_bytes=SETTINGS.http.max_body_bytes, body_limits=BODY_LIMITS,
                         media_types={"/v1/caption/upload": "multipart/form-data"}, forms=form_specs(Api),
-                        max_json_depth=SETTINGS.http.max_json_depth)
+                        max_json_depth=SETTINGS.http.max_json_depth,
+                        body_timeout_s=SETTINGS.http.body_timeout_s)
 # Just under BentoML's traffic.timeout, so that this shaped 503 answers before BentoML's bare 504.
 Api.add_asgi_middleware(Deadline, timeout_s=max(SETTINGS.http.timeout_s - 0.5, SETTINGS.http.timeout_s * 0.5))

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import bentoml
 from bentoml.exceptions import BadInput
@@ -34,7 +35,11 @@ try:  # every private name this project uses, in one place
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.context import server_context as _server_context
     from bentoml._internal.marshal.dispatcher import CorkDispatcher
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
     from bentoml._internal.utils.metrics import exponential_buckets as _exponential_buckets
+    from uvicorn.config import HTTP_PROTOCOLS as UVICORN_HTTP_PROTOCOLS
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE as UVICORN_STATUS_LINE
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError as exc:  # refuse to serve: the download of URLs given for files would stay open
     raise RuntimeError(f"BentoML {bentoml.__version__} is installed, but services/bentoml_compat.py is "
                        "written for the version pinned in pyproject.toml; install constraints.txt or "
@@ -173,6 +178,158 @@ def install_endpoint_handler(refusal: Callable[[Any], Exception | None],
     setattr(ServiceAppFactory, PATCHED, True)
 
 
+UNKNOWN_ENDPOINT = "/unknown"  # the one ``endpoint`` label of every path no route answers
+SYSTEM_PATHS = frozenset({"/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json"})
+STATIC_PREFIXES = ("/static_content/", "/assets/")
+
+
+def share_unknown_endpoint_label() -> None:
+    """Counts every request to a path that no route answers under one ``endpoint="/unknown"`` label.
+
+    BentoML's request metrics (``RunnerTrafficMetricsMiddleware``) label each request with its raw
+    path, so random paths grew /metrics without bound (an outside probe: 2,000 paths made the scrape
+    28 times larger and slower, SECURITY.md). The request itself goes on with the shared path, which
+    no route answers either, so it is still a 404.
+    """
+    if getattr(RunnerTrafficMetricsMiddleware, PATCHED, False):
+        return
+    original = REPLACED["RunnerTrafficMetricsMiddleware.__call__"] = RunnerTrafficMetricsMiddleware.__call__
+    known: set[str] = set()
+
+    async def labelled_call(self, scope, receive, send):
+        if scope["type"] == "http":
+            if not known:
+                known.update(SYSTEM_PATHS, _server_context.service_routes)
+            path = scope["path"]
+            if path not in known and not path.startswith(STATIC_PREFIXES):
+                scope = {**scope, "path": UNKNOWN_ENDPOINT, "raw_path": UNKNOWN_ENDPOINT.encode()}
+        await original(self, scope, receive, send)
+
+    RunnerTrafficMetricsMiddleware.__call__ = labelled_call
+    setattr(RunnerTrafficMetricsMiddleware, PATCHED, True)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may cost before it reaches the app (SECURITY.md): ``render(status, code,
+    message)`` writes the error body, so that these answers have the service's error shape too."""
+
+    header_timeout_s: float
+    max_header_bytes: int
+    keep_alive_s: float
+    max_connections: int
+    retry_after_s: int
+    render: Callable[[int, str, str], bytes]
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds it lacks.
+
+    uvicorn 0.54 times out an idle connection only after a response (never one that sent nothing or
+    trickles its headers), bounds neither the header size (httptools calls back per header: a 100 MB
+    header cost 21 CPU-seconds) nor the number of connections, and answers a malformed request in
+    plain text. Here: the request line and headers must arrive within ``header_timeout_s`` (408) and
+    within ``max_header_bytes`` (431); past ``max_connections`` open connections per worker a new one
+    is answered 503 and closed; idle keep-alive connections close after ``keep_alive_s``; and every
+    such answer has the service's JSON error shape.
+    """
+
+    limits: ClassVar[ConnectionLimits]
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if self.timeout_keep_alive is None:  # BentoML passes None: uvicorn would never close it
+            self.timeout_keep_alive = self.limits.keep_alive_s
+        self._header_bytes, self._reading_headers, self._header_timer = 0, True, None
+        self._too_large, self._pending_bytes = False, 0
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(503, "too_many_connections", f"This worker has {len(self.connections) - 1} "
+                         f"connections open; the limit is {self.limits.max_connections}. Retry after "
+                         f"{self.limits.retry_after_s} s.")
+            return
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._reading_headers and not self.transport.is_closing():
+            self._refuse(408, "header_timeout", f"The request line and headers did not arrive within "
+                         f"{self.limits.header_timeout_s:g} s.")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes, self._reading_headers, self._too_large = 0, True, False
+        self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._too_large = True
+            raise ValueError("headers too large")  # aborts parsing: httptools raises a parser error
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Bytes of a head whose line or header never ends (httptools reports a header once it ends).
+        if self._reading_headers and not self.transport.is_closing():
+            self._pending_bytes = getattr(self, "_pending_bytes", 0) + len(data)
+            if self._pending_bytes > self.limits.max_header_bytes:
+                self._too_large = True
+                self.send_400_response("")
+        else:
+            self._pending_bytes = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        if getattr(self, "_too_large", False):
+            self._refuse(431, "headers_too_large", f"The request line and headers are over "
+                         f"{self.limits.max_header_bytes:,} bytes.")
+            return
+        self._refuse(400, "invalid_http", "The request is not valid HTTP/1.1.")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        body = self.limits.render(status, code, message)
+        head = [UVICORN_STATUS_LINE[status], b"content-type: application/json\r\n",
+                b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n"]
+        if status in (429, 503):
+            head.append(b"retry-after: " + str(self.limits.retry_after_s).encode() + b"\r\n")
+        self._reading_headers = False
+        self.transport.write(b"".join([*head, b"\r\n", body]))
+        self.transport.close()
+
+
+def bound_connections(limits: ConnectionLimits) -> None:
+    """Makes uvicorn use ``BoundedHttpToolsProtocol`` (it loads its protocol class by name when a
+    worker starts, after the service module is imported)."""
+    BoundedHttpToolsProtocol.limits = limits
+    target = f"{__name__}:BoundedHttpToolsProtocol"
+    REPLACED.setdefault("uvicorn.config.HTTP_PROTOCOLS", dict(UVICORN_HTTP_PROTOCOLS))
+    UVICORN_HTTP_PROTOCOLS["auto"] = UVICORN_HTTP_PROTOCOLS["httptools"] = target
+
+
 # Accessors -----------------------------------------------------------------------------------------
 
 
@@ -219,3 +376,4 @@ def resolved_client(dependency: Any) -> Any | None:
 cache_response_media_types()
 cache_bound_api_functions()
 refuse_remote_inputs()
+share_unknown_endpoint_label()

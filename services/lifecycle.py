@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import services.bentoml_compat  # BentoML patched (no URL fetches, one error shape) in every process
 import services.observability  # request ids and the log format in every process
 from services.artifacts import load_stored_model
-from services.errors import ServiceError, error_response, log_error, send_error, to_service_error
+from services.errors import ServiceError, encode, error_response, log_error, send_error, to_service_error
 from services.inprocess import REGISTRY, InProcessModel
 from services.schemas.common import ModelInfo
 from services.settings import SETTINGS
@@ -239,3 +239,13 @@ def _answer(request: Any, exc: BaseException) -> Any:
 
 
 services.bentoml_compat.install_endpoint_handler(_refusal, _answer)
+
+
+def _render(status: int, code: str, message: str) -> bytes:
+    return encode(ServiceError(status, code, message))[0]
+
+
+services.bentoml_compat.bound_connections(services.bentoml_compat.ConnectionLimits(
+    header_timeout_s=SETTINGS.http.header_timeout_s, max_header_bytes=SETTINGS.http.max_header_bytes,
+    keep_alive_s=SETTINGS.http.keep_alive_s, max_connections=SETTINGS.http.max_connections,
+    retry_after_s=SETTINGS.http.retry_after_s, render=_render))

@@ -129,6 +129,15 @@ class HttpSettings(Group):
     # X-Request-ID (services/observability.py): a caller's id of at most this many characters from
     # [A-Za-z0-9._:-] is kept, anything else is replaced by a generated one; echoed and logged.
     max_request_id_chars: int = Field(128, ge=16, le=1024)
+    # Connections (services/bentoml_compat.py BoundedHttpToolsProtocol, admission.Body): the request
+    # line and headers must arrive within header_timeout_s and max_header_bytes, the body within
+    # body_timeout_s; idle keep-alive connections close after keep_alive_s; past max_connections open
+    # connections per worker a new one is answered 503 and closed.
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    body_timeout_s: float = Field(20.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1000, ge=1)
     # When api_token is set, POSTs under the comma-separated prefixes of api_token_paths (the
     # state-changing session endpoints) need "Authorization: Bearer <token>".
     api_token: str = ""

@@ -134,3 +134,17 @@ def test_readyz_is_ready_and_docs_document_the_error_shape(client, spec):
     assert spec["components"]["schemas"][ref]["required"] == ["error", "detail"]
     assert "Retry-After" in sentiment["503"]["headers"]
     assert json.dumps(spec).count("ErrorResponse") > 10
+
+
+def test_unknown_paths_share_one_metrics_label(client):
+    """An outside probe grew /metrics 28x with 2,000 random paths: each became an endpoint label."""
+    import secrets
+
+    paths = [f"/probe-{secrets.token_hex(6)}" for _ in range(200)] + ["/v1/probe/x", "/v1/sentiment/readyz"]
+    for path in paths:
+        response = client.post(path, json={})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    metrics = client.get("/metrics").text
+    assert not [path for path in paths if path in metrics]
+    assert 'endpoint="/unknown"' in metrics
+    assert 'endpoint="/v1/sentiment"' in metrics

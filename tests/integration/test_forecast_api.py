@@ -304,6 +304,8 @@ def test_session_limit_is_a_clear_429_and_idle_sessions_expire(limited):
     create(limited, EXAMPLE_BARS[:3])
     full = limited.post(SESSIONS, json={"history": EXAMPLE_BARS[:3]})
     assert full.status_code == 429, full.text
+    assert full.json()["error"]["code"] == "too_many_sessions"  # the forecast service's own code
+    assert full.headers["retry-after"]
     assert f"the limit is {MAX_SESSIONS}" in full.text and "RNNSERVE_FORECAST_MAX_SESSIONS" in full.text
     # Idle sessions expire after the TTL, which frees room and turns their id into a 404.
     deadline = time.monotonic() + 30

@@ -51,6 +51,16 @@ CONTRACT = [
     ("_bentoml_impl.serde", "MultipartSerde.parse_request", ["self", "request", "cls"],
      "calls self.ensure_file for each file field"),
     ("_bentoml_sdk.io_models", "IODescriptor.from_output", ["func"], "this test builds output types"),
+    ("bentoml._internal.context", "server_context.service_routes", None,
+     "share_unknown_endpoint_label: the routes that keep their own endpoint label"),
+    ("uvicorn.config", "HTTP_PROTOCOLS", None, "bound_connections names its protocol class there"),
+    ("uvicorn.protocols.http.httptools_impl", "STATUS_LINE", None, "BoundedHttpToolsProtocol._refuse"),
+    *[("uvicorn.protocols.http.httptools_impl", f"HttpToolsProtocol.{name}", parameters,
+       "BoundedHttpToolsProtocol overrides it")
+      for name, parameters in [("connection_made", ["self", "transport"]), ("on_message_begin", ["self"]),
+                               ("on_url", ["self", "url"]), ("on_header", ["self", "name", "value"]),
+                               ("on_headers_complete", ["self"]), ("data_received", ["self", "data"]),
+                               ("connection_lost", ["self", "exc"]), ("send_400_response", ["self", "msg"])]],
     ("_bentoml_impl.server.app", "ServiceAppFactory.api_endpoint", ["self", "name", "request"],
      "install_endpoint_handler calls it for each request"),
     ("_bentoml_impl.server.app", "ServiceAppFactory._add_response_headers",
@@ -65,6 +75,7 @@ REPLACED = {
     "MultipartSerde.ensure_file": ["obj"],
     "JSONSerde.parse_request": ["self", "request", "cls"],
     "ServiceAppFactory.api_endpoint_wrapper": ["self", "name", "request"],
+    "RunnerTrafficMetricsMiddleware.__call__": ["self", "scope", "receive", "send"],
 }
 
 
@@ -186,12 +197,16 @@ def test_every_replaced_function_is_in_this_contract():
 
 def test_each_patch_is_active_and_idempotent():
     from _bentoml_impl.serde import JSONSerde, MultipartSerde
+    from _bentoml_impl.server.app import ServiceAppFactory
     from _bentoml_sdk.io_models import IOMixin
     from _bentoml_sdk.method import APIMethod
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
     from services import bentoml_compat
 
-    patched = {"IOMixin.mime_type": IOMixin.mime_type.__func__,
+    patched = {"ServiceAppFactory.api_endpoint_wrapper": ServiceAppFactory.api_endpoint_wrapper,
+               "RunnerTrafficMetricsMiddleware.__call__": RunnerTrafficMetricsMiddleware.__call__,
+               "IOMixin.mime_type": IOMixin.mime_type.__func__,
                "APIMethod._local_call": APIMethod._local_call,
                "MultipartSerde.ensure_file": MultipartSerde.ensure_file,
                "JSONSerde.parse_request": JSONSerde.parse_request}
@@ -200,6 +215,8 @@ def test_each_patch_is_active_and_idempotent():
     bentoml_compat.cache_response_media_types()
     bentoml_compat.cache_bound_api_functions()
     bentoml_compat.refuse_remote_inputs()
+    bentoml_compat.share_unknown_endpoint_label()
+    assert RunnerTrafficMetricsMiddleware.__call__ is patched["RunnerTrafficMetricsMiddleware.__call__"]
     assert IOMixin.mime_type.__func__ is patched["IOMixin.mime_type"], "a second patch wrapped the first"
     assert APIMethod._local_call is patched["APIMethod._local_call"], "a second patch wrapped the first"
     assert JSONSerde.parse_request is patched["JSONSerde.parse_request"], "a second patch wrapped the first"
