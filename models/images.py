@@ -10,6 +10,12 @@ the artifact metadata (``preprocess``), and shared by training (``training/coco.
    expanded (with its transparency), CMYK/YCbCr/L/1 converted by Pillow;
 3. resized to ``size x size`` with Pillow's bilinear filter (antialiased when shrinking), ignoring
    the aspect ratio, so no part of the picture is cropped away.
+
+Memory is bounded before decoding too: ``ImageLimits.max_decode_bytes`` caps the bytes the decoded
+image takes in the mode it is stored in (``decoded_bytes``: a 16-bit greyscale PNG of 4096 x 4096 is
+32 MiB of pixels however few bytes its file has), and a JPEG is decoded by libjpeg's DCT scaling
+(``Image.draft``) at the largest reduction (1/2, 1/4 or 1/8) that still covers twice the model's
+input side, so a large photo never exists in memory at full size.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 PREPROCESS = ("first frame; EXIF transpose; to RGB (alpha over white, 16-bit grey scaled); "
               "bilinear resize to size x size, aspect ratio not kept")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey-filled
+# 16/32-bit grey is scaled to 8 bits this many rows at a time: the float64 arithmetic of a 4096-wide
+# image then needs 8 MiB, not 8 bytes per pixel of the whole image (issue 13, finding 5).
+GREY_ROWS = 256
 
 
 class ImageRejectedError(ValueError):
@@ -39,22 +48,51 @@ class ImageRejectedError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int
-    max_pixels: int
+    max_bytes: int  # the file
+    max_pixels: int  # width x height as the header declares it
+    # Bytes of the image as decoded (after a JPEG's DCT scaling), in its stored mode; None: no bound
+    # beyond max_pixels. The conversion to RGB then needs a few times this (to_rgb), never more.
+    max_decode_bytes: int | None = None
+
+
+def bytes_per_pixel(mode: str) -> int:
+    """Bytes Pillow holds per pixel of an image in ``mode``.
+
+    1 for ``1``, ``L`` and ``P``; 2 for 16-bit grey (``I;16*``); 4 for every other mode, RGB included:
+    Pillow stores multi-band and 32-bit images in 32-bit pixels (``libImaging/Storage.c``).
+    """
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """Memory the decoded image takes: width x height x ``bytes_per_pixel(mode)``."""
+    return width * height * bytes_per_pixel(mode)
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # RGB, original size
+    image: Image.Image  # RGB; original size, or reduced by a JPEG's DCT scaling (``decode_image``)
     format: str
     mode: str  # the mode the file was stored in
-    width: int
+    width: int  # as the file declares it
     height: int
     bytes: int
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
-    """Decodes and validates ``data``; raises ``ImageRejectedError`` with the reason and the limit."""
+def decode_image(data: bytes, limits: ImageLimits, input_size: int | None = None) -> DecodedImage:
+    """Decodes and validates ``data``; raises ``ImageRejectedError`` with the reason and the limit.
+
+    With ``input_size`` (the model's input side), a JPEG is decoded at the largest DCT reduction (1/2,
+    1/4, 1/8) that keeps both sides at least twice ``input_size``, so that the final antialiased resize
+    still averages several decoded pixels per input pixel: the model's input then differs from a full
+    decode's by a few levels (``test_jpeg_draft_matches_a_full_decode``; drafting to ``input_size``
+    itself differed by up to 37 levels on sharp edges), for a fraction of the memory and time. Without
+    ``input_size`` every image is decoded at full size.
+    """
     size = len(data)
     if size == 0:
         raise ImageRejectedError("the image is empty (0 bytes); send a PNG, JPEG or WebP file")
@@ -95,6 +133,17 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageRejectedError(
             f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
             f"{limits.max_pixels:,} pixels. Resize it before sending",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    if input_size is not None and image.format == "JPEG":
+        # Changes image.size to the scaled size; decodes nothing yet.
+        image.draft(image.mode, (2 * input_size, 2 * input_size))
+    cost = decoded_bytes(image.mode, *image.size)
+    if limits.max_decode_bytes is not None and cost > limits.max_decode_bytes:
+        scaled = "" if image.size == (width, height) else f", decoded at {image.size[0]}x{image.size[1]}"
+        raise ImageRejectedError(
+            f"the image is {width}x{height} pixels of mode {image.mode}{scaled} "
+            f"({bytes_per_pixel(image.mode)} bytes per pixel): decoding it takes {cost:,} bytes; the "
+            f"limit is {limits.max_decode_bytes:,} bytes. Resize it before sending",
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     stored_mode = image.mode
     try:
@@ -152,12 +201,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         # 16/32-bit grey: Pillow's convert("L") clips at 255; scale by the mode's full range instead.
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)  # (H, W) in the stored type: no float64 copy of the whole image
         top = 65535.0 if mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
         if mode == "F":
             top = max(float(pixels.max(initial=0)), 1.0)
-        grey = np.clip(np.rint(pixels / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+        grey = np.empty(pixels.shape, dtype=np.uint8)
+        for start in range(0, pixels.shape[0], GREY_ROWS):  # float64 work a band of rows at a time
+            band = pixels[start:start + GREY_ROWS].astype(np.float64)
+            grey[start:start + GREY_ROWS] = np.clip(np.rint(band / top * 255.0), 0, 255)
+        return Image.fromarray(grey).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("LA", "PA", "La", "RGBa") or (mode == "L" and "transparency" in image.info):

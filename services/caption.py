@@ -31,6 +31,7 @@ from models.images import (
     decode_image,
     to_pixels,
 )
+from services.decode_pool import BoundedPool
 from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import (
@@ -42,6 +43,7 @@ from services.metrics import (
 )
 from services.schemas.caption import (
     MAX_BEAM_SIZE,
+    MAX_DECODE_BYTES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_LENGTH,
@@ -58,7 +60,11 @@ from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 NAME = "caption"
-LIMITS = ImageLimits(max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS)
+LIMITS = ImageLimits(max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS,
+                     max_decode_bytes=MAX_DECODE_BYTES)
+# The entry worker's image decodes: a few at once, a bounded queue, 503 past it (services/decode_pool.py).
+DECODE_POOL = BoundedPool(SETTINGS.caption.decode_workers, SETTINGS.caption.decode_queue, name="image-decode",
+                          settings="RNNSERVE_CAPTION_DECODE_WORKERS, RNNSERVE_CAPTION_DECODE_QUEUE")
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,11 @@ class Decoder:
 
 def prepare_image(data: bytes, image_size: int,
                   limits: ImageLimits = LIMITS) -> tuple[DecodedImage, np.ndarray]:
-    """Upload bytes -> (what was decoded, (S, S, 3) uint8 pixels). Raises ``ImageRejectedError``."""
-    decoded = decode_image(data, limits)
+    """Upload bytes -> (what was decoded, (S, S, 3) uint8 pixels). Raises ``ImageRejectedError``.
+
+    A JPEG is decoded DCT-reduced to no less than twice ``image_size`` (``decode_image``).
+    """
+    decoded = decode_image(data, limits, image_size)
     return decoded, to_pixels(decoded.image, image_size)
 
 
@@ -113,12 +122,13 @@ def read_upload(path: Path, limits: ImageLimits = LIMITS) -> bytes:
     return path.read_bytes()
 
 
-async def prepare_item(data: bytes, spec: CaptionSpec, beam_size: int,
-                       max_length: int | None) -> tuple[DecodedImage, CaptionItem]:
-    """Entry side: decode and convert off the event loop, then build the model service's item."""
+async def prepare_item(data: bytes, spec: CaptionSpec, beam_size: int, max_length: int | None,
+                       pool: BoundedPool = DECODE_POOL) -> tuple[DecodedImage, CaptionItem]:
+    """Entry side: decode and convert off the event loop in ``pool`` (a few threads and a bounded
+    queue: 503 past it), then build the model service's item."""
     CAPTION_IMAGE_BYTES.labels(NAME).observe(len(data))
     try:
-        decoded, pixels = await asyncio.to_thread(prepare_image, data, spec.image_size)
+        decoded, pixels = await pool.run(prepare_image, data, spec.image_size)
     except ImageRejectedError as exc:
         raise rejected(exc) from exc
     item = CaptionItem(pixels=encode_pixels(pixels), beam_size=beam_size,

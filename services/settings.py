@@ -90,7 +90,17 @@ class CaptionSettings(RemoteModelSettings):
     max_latency_ms: int = Field(2000, ge=1)
     # Checked against the header before any pixel is decoded: a decompression bomb is refused.
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    # The model reads 64x64 (its artifact's image_size); past 4096x3072 (a 12-megapixel photo) more
+    # pixels only cost decode time. Memory is bounded by max_decode_bytes, whatever the pixel count.
+    max_image_pixels: int = Field(4096 * 3072, ge=1)
+    # Bytes of the decoded image in its stored mode (1 byte per pixel for 8-bit grey or palette, 2 for
+    # 16-bit grey, 4 for RGB, RGBA and the rest; models/images.py decoded_bytes): 16 MiB holds a
+    # 2048x2048 RGB(A) image, 32 times the model's side. A JPEG counts at its DCT-reduced size.
+    max_decode_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    # Each entry worker decodes at most decode_workers images at once, in its own threads, and lets
+    # decode_queue more wait; past that an upload answers 503 + Retry-After (SECURITY.md).
+    decode_workers: int = Field(1, ge=1)
+    decode_queue: int = Field(32, ge=0)
     max_beam_size: int = Field(8, ge=1)
     max_length: int = Field(64, ge=1)
 

@@ -21,6 +21,7 @@ from services.settings import SETTINGS
 
 MAX_IMAGE_BYTES = SETTINGS.caption.max_image_bytes
 MAX_IMAGE_PIXELS = SETTINGS.caption.max_image_pixels
+MAX_DECODE_BYTES = SETTINGS.caption.max_decode_bytes
 MAX_BEAM_SIZE = SETTINGS.caption.max_beam_size
 MAX_LENGTH = SETTINGS.caption.max_length
 # base64 grows 4/3; leave room for a data URL prefix and line breaks. Past this the string is
@@ -79,7 +80,8 @@ class CaptionRequest(BaseModel):
     image: Annotated[str, Field(
         min_length=1, max_length=MAX_BASE64_CHARS,
         description=(f"A PNG, JPEG or WebP file, base64-encoded (a data URL is fine); at most "
-                     f"{MAX_IMAGE_BYTES:,} bytes and {MAX_IMAGE_PIXELS:,} pixels once decoded. "
+                     f"{MAX_IMAGE_BYTES:,} bytes and {MAX_IMAGE_PIXELS:,} pixels, and at most "
+                     f"{MAX_DECODE_BYTES:,} bytes once decoded. "
                      "Any size and mode; it is converted to the model's input deterministically."),
     ), AfterValidator(_check_base64)]
     beam_size: BeamSize = 1
@@ -162,6 +164,9 @@ class CaptionSpec(BaseModel):
     max_beam_size: int
     max_image_bytes: int
     max_image_pixels: int
+    max_decode_bytes: int = Field(MAX_DECODE_BYTES, description=(
+        "Bytes the decoded image may take: width x height x bytes per pixel of its mode (1 for 8-bit "
+        "grey or palette, 2 for 16-bit grey, 4 otherwise); a JPEG counts at its DCT-reduced size."))
     vocab_size: int
 
 

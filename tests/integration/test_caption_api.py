@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 import struct
 import time
@@ -16,7 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.schemas.caption import CAPTION_EXAMPLE, MAX_BEAM_SIZE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from services.schemas.caption import (
+    CAPTION_EXAMPLE,
+    MAX_BEAM_SIZE,
+    MAX_DECODE_BYTES,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+)
 from tests.conftest import batch_histogram
 from training.scenes import make_scene, parse_caption
 
@@ -137,6 +144,45 @@ def test_every_bad_image_is_a_4xx_with_its_reason(client, name, data, status, me
     for response in (upload(client, data), as_json):
         assert response.status_code == status, response.text
         assert message in response.text
+
+
+def grey16_png(side: int) -> bytes:
+    """A real ``side`` x ``side`` 16-bit greyscale PNG: tens of kilobytes, 2 bytes per pixel decoded."""
+    pixels = np.zeros((side, side), dtype=np.uint16)
+    pixels[:, ::512] = 65535
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_decode_budget_refuses_16bit_images_past_it_and_decodes_one_at_it(client):
+    """Issue 13, finding 5: a 40 KB 16-bit PNG of 4096x4096 took an entry worker from 422 to 899 MiB."""
+    probe = grey16_png(4096)
+    assert len(probe) < 100_000
+    as_json = post_retrying_503(client, "/v1/caption", json={"image": b64(probe)})
+    for response in (upload(client, probe), as_json):
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "image_too_large" and "the limit is" in response.text
+    at_edge = math.isqrt(MAX_DECODE_BYTES // 2)  # 16-bit grey: 2 bytes per pixel
+    past = upload(client, grey16_png(at_edge + 1))
+    assert past.status_code == 413, past.text
+    assert (f"decoding it takes {(at_edge + 1) ** 2 * 2:,} bytes; the limit is {MAX_DECODE_BYTES:,} bytes"
+            in past.text)
+    assert past.json()["error"]["field"] == "image"
+    accepted = upload(client, grey16_png(at_edge))
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["image"] == {"format": "PNG", "mode": "I;16", "width": at_edge, "height": at_edge,
+                                        "bytes": len(grey16_png(at_edge))}
+
+
+def test_a_large_jpeg_photo_is_decoded_scaled_and_captioned(client):
+    """A 12-megapixel JPEG is under the decode budget only because it is decoded DCT-scaled (1/8)."""
+    data = scene_file(1, "JPEG", side=3000, quality=90)
+    assert MAX_DECODE_BYTES < 3000 * 3000 * 4
+    response = upload(client, data, "image/jpeg")
+    assert response.status_code == 200, response.text
+    assert response.json()["image"]["width"] == 3000
+    assert response.json()["caption"] == upload(client, scene_file(1)).json()["caption"]
 
 
 def test_an_image_over_the_byte_limit_is_a_413(client):

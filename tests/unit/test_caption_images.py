@@ -10,9 +10,17 @@ from http import HTTPStatus
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from models.images import ImageLimits, ImageRejectedError, decode_image, to_pixels
+from models.images import (
+    GREY_ROWS,
+    ImageLimits,
+    ImageRejectedError,
+    bytes_per_pixel,
+    decode_image,
+    decoded_bytes,
+    to_pixels,
+)
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000)
 RGB = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
@@ -135,3 +143,107 @@ def test_every_bad_input_is_rejected_with_its_reason(name):
         decode_image(data, LIMITS)
     assert caught.value.status == status
     assert message in str(caught.value)
+
+
+# Decode memory (issue 13, finding 5): a budget in bytes of the decoded image, by its stored mode.
+
+def png_header(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
+    """A PNG signature and IHDR declaring ``width`` x ``height`` at ``bit_depth`` (colour type 0: grey,
+    2: RGB), with a tiny IDAT: decoding it would fail as truncated."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def no_pixel_decoding(monkeypatch):
+    """Fails the test if Pillow starts decoding pixels."""
+    def refuse(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+def test_16bit_4096_png_is_refused_from_its_header_before_decoding(no_pixel_decoding):
+    """The probe's file: 4096 x 4096 16-bit grey, a few hundred bytes that declare 32 MiB of pixels."""
+    limits = ImageLimits(max_bytes=1 << 20, max_pixels=4096 * 4096, max_decode_bytes=16 << 20)
+    data = png_header(4096, 4096, bit_depth=16)
+    assert len(data) < 1000
+    with pytest.raises(ImageRejectedError) as caught:
+        decode_image(data, limits, 64)
+    assert caught.value.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    assert "4096x4096 pixels of mode I;16 (2 bytes per pixel): decoding it takes 33,554,432 bytes" in str(
+        caught.value)
+    assert f"the limit is {16 << 20:,} bytes" in str(caught.value)
+
+
+def test_bytes_per_pixel_follow_pillows_storage():
+    assert [bytes_per_pixel(m) for m in ("1", "L", "P", "I;16", "I;16B", "LA", "RGB", "RGBA", "CMYK", "I",
+                                         "F")] == [1, 1, 1, 2, 2, 4, 4, 4, 4, 4, 4]
+    assert decoded_bytes("I;16", 4096, 4096) == 32 << 20
+
+
+BUDGET_CASES = {
+    "grey-8bit": (RGB.convert("L"), 1),
+    "grey-16bit": (Image.fromarray((np.arange(48 * 80).reshape(48, 80) * 17).astype(np.uint16)), 2),
+    "palette": (RGB.convert("P"), 1),
+    "rgb": (RGB, 4),
+    "rgba": (RGB.convert("RGBA"), 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_CASES))
+def test_decode_budget_accepts_at_and_refuses_past_its_edge(name):
+    image, per_pixel = BUDGET_CASES[name]
+    data = encode(image, "PNG")
+    cost = 80 * 48 * per_pixel
+    at = ImageLimits(max_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels, max_decode_bytes=cost)
+    assert decode_image(data, at, 64).width == 80
+    past = ImageLimits(max_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels, max_decode_bytes=cost - 1)
+    with pytest.raises(ImageRejectedError) as caught:
+        decode_image(data, past, 64)
+    assert caught.value.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    assert f"decoding it takes {cost:,} bytes; the limit is {cost - 1:,} bytes" in str(caught.value)
+
+
+def scene_jpeg(side: int, seed: int) -> bytes:
+    from training.scenes import make_scene
+
+    picture = Image.fromarray(make_scene(seed, "test_fresh").image)
+    return encode(picture.resize((side, side), Image.Resampling.BICUBIC), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize(("side", "decoded_side"), [(256, 128), (512, 128), (1000, 250), (2048, 256)])
+def test_jpeg_draft_matches_a_full_decode(side, decoded_side):
+    """A large JPEG is decoded DCT-scaled to at least twice the model's side; its model input stays
+    within a few levels of a full decode's."""
+    limits = ImageLimits(max_bytes=LIMITS.max_bytes, max_pixels=side * side)
+    for seed in range(3):
+        data = scene_jpeg(side, seed)
+        full = decode_image(data, limits)
+        drafted = decode_image(data, limits, 64)
+        assert full.image.size == (side, side) and drafted.image.size == (decoded_side, decoded_side)
+        assert (drafted.width, drafted.height) == (side, side), "the reported size is the file's"
+        difference = np.abs(to_pixels(full.image, 64).astype(int) - to_pixels(drafted.image, 64).astype(int))
+        assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
+
+
+def test_a_jpeg_counts_against_the_budget_at_its_drafted_size():
+    data = scene_jpeg(2048, 0)
+    limits = ImageLimits(max_bytes=LIMITS.max_bytes, max_pixels=2048 * 2048, max_decode_bytes=256 * 256 * 4)
+    assert decode_image(data, limits, 64).image.size == (256, 256)
+    with pytest.raises(ImageRejectedError) as caught:
+        decode_image(data, limits)  # no input size: full decode, 16 MiB
+    assert "2048x2048 pixels of mode RGB (4 bytes per pixel): decoding it takes 16,777,216 bytes" in str(
+        caught.value)
+    with pytest.raises(ImageRejectedError) as caught:
+        decode_image(data, ImageLimits(LIMITS.max_bytes, 2048 * 2048, 256 * 256 * 4 - 1), 64)
+    assert "decoded at 256x256" in str(caught.value)
+
+
+def test_16bit_grey_scaling_in_bands_equals_the_whole_image_formula():
+    rows = GREY_ROWS * 2 + 7  # crosses band edges
+    values = np.random.default_rng(1).integers(0, 65536, (rows, 33), dtype=np.uint16)
+    pixels = np.asarray(decode_image(encode(Image.fromarray(values), "PNG"), LIMITS).image)
+    expected = np.clip(np.rint(values.astype(np.float64) / 65535.0 * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected) and np.array_equal(pixels[..., 2], expected)
