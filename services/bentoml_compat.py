@@ -34,7 +34,6 @@ try:  # every private name this project uses, in one place
     from _bentoml_sdk.method import APIMethod
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.context import server_context as _server_context
-    from bentoml._internal.marshal.dispatcher import CorkDispatcher
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
     from bentoml._internal.utils.metrics import exponential_buckets as _exponential_buckets
     from uvicorn.config import HTTP_PROTOCOLS as UVICORN_HTTP_PROTOCOLS
@@ -353,18 +352,6 @@ def metrics_histogram(*, namespace: str, name: str, documentation: str, labelnam
     return BentoMLContainer.metrics_client.get().Histogram(
         namespace=namespace, name=name, documentation=documentation, labelnames=list(labelnames),
         buckets=buckets)
-
-
-def cork_dispatcher(*, max_latency_ms: int, max_batch_size: int, fallback: Callable[[], Any],
-                    get_batch_size: Callable[[Any], int]) -> Any:
-    """BentoML's adaptive batcher (the one behind a batchable API), for batching in-process.
-
-    ``dispatcher(callback)`` returns a coroutine function of one request; concurrent requests are
-    merged into one ``callback(requests)`` call, and ``fallback()`` answers a request it predicts it
-    cannot serve within ``max_latency_ms``. ``dispatcher.shutdown()`` stops it.
-    """
-    return CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-                          fallback=fallback, get_batch_size=get_batch_size)
 
 
 def resolved_client(dependency: Any) -> Any | None:

@@ -1,13 +1,9 @@
-"""Models the entry worker runs itself: BentoML's adaptive batcher without a second HTTP hop.
+"""Models the entry worker runs itself, batched, without a second HTTP hop.
 
-The short, stateless models (sentiment, forecast windows) cost far less to run than to forward: one
-sequence of the sentiment BiLSTM takes ~0.3 ms at batch 64, while every hop through a BentoML
-service costs ~0.8 ms of HTTP, routing and (de)serialisation on each side (load/RESULTS.md). So each
-entry worker loads these artifacts and batches concurrent requests itself, with the same
-``CorkDispatcher`` BentoML uses for a batchable API: the items of concurrent requests are merged into
-one call of the model's batched function, which runs on one dedicated thread per model (torch
-releases the GIL, so the event loop keeps parsing requests meanwhile). A request the batcher predicts
-it cannot serve within ``max_latency_ms`` is shed with 503, as in BentoML.
+The short, stateless models (sentiment, forecast windows) cost far less to run than to forward
+through another BentoML service (load/RESULTS.md). So each entry worker loads these artifacts
+(``InProcessModel``) and batches concurrent requests itself (``Batcher``): the items of concurrent
+requests are merged into one call of the model's batched function, on one dedicated thread per model.
 
 The generative models (caption, translate) and the stateful forecast sessions stay in their own
 services: their calls are long, and sessions must live in one process.
@@ -18,17 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from services.artifacts import ArtifactError
-from services.bentoml_compat import (
-    cork_dispatcher,
-    exponential_buckets,
-    metrics_histogram,
-    service_metric_labels,
-)
+from services.bentoml_compat import exponential_buckets, metrics_histogram, service_metric_labels
 from services.errors import ServiceError
 from services.metrics import MODEL_LOAD_FAILED
 from services.settings import SETTINGS
@@ -63,41 +56,154 @@ def batch_size_histogram(max_batch_size: int) -> Any:
     return _HISTOGRAM[0]
 
 
+class CallCost:
+    """A model call's measured cost, ``seconds = per_call + per_item * items``: a least-squares fit
+    over recent calls (older ones weigh less, so a change of load or machine is followed). Until calls
+    of different sizes have been seen, all of the time counts per item."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self.n = self.s = self.ss = self.t = self.st = 0.0  # weighted sums: 1, size, size^2, time, size*time
+
+    def add(self, items: int, seconds: float) -> None:
+        d = self.decay
+        self.n, self.s, self.ss = d * self.n + 1, d * self.s + items, d * self.ss + items * items
+        self.t, self.st = d * self.t + seconds, d * self.st + items * seconds
+
+    def coefficients(self) -> tuple[float, float]:
+        """(seconds per call, seconds per item), both >= 0; (0, 0) before any call."""
+        if self.s == 0:
+            return 0.0, 0.0
+        spread = self.n * self.ss - self.s * self.s
+        if spread <= 1e-9 * self.n * self.ss:
+            return 0.0, self.t / self.s
+        per_item = max(0.0, (self.n * self.st - self.s * self.t) / spread)
+        per_call = max(0.0, (self.t - per_item * self.s) / self.n)
+        return per_call, per_item
+
+    def seconds(self, calls: int, items: int) -> float:
+        per_call, per_item = self.coefficients()
+        return calls * per_call + items * per_item
+
+
+@dataclass
+class _Request(Generic[Item, Result]):
+    items: list[Item]
+    future: asyncio.Future[list[Result]]
+
+
 class Batcher(Generic[Item, Result]):
     """``await batcher(items)`` -> one result per item, in order; concurrent calls share model calls.
 
     ``func`` maps a list of items to a list of results of the same length and order (the batching
-    contract of every model service). With ``batching`` off, each call runs ``func`` on its own items.
+    contract of every model service); it runs on one dedicated thread (torch releases the GIL, so the
+    event loop keeps parsing requests meanwhile). One loop per batcher, in stages:
+
+    collect (every request waiting, FIFO, up to ``max_batch_size`` items) -> predict (one ``func``
+    call) -> check (as many results as items) -> split (each request its own results).
+
+    The loop never waits to fill a batch: when the model is free it runs what is there, and while it
+    runs, arriving requests queue for the next call, so batches grow exactly as fast as load does
+    (continuous batching, as in TGI's router and LitServe's loops). A request is shed with 503 only
+    when the queue ahead of it cannot be served within ``max_latency_ms`` at the measured speed of the
+    model; a request whose caller went away (disconnect, deadline) is dropped before the model sees
+    it. If a merged call fails, each request is run alone, so that one bad request fails alone.
     """
 
     def __init__(self, name: str, func: Callable[[list[Item]], list[Result]], *, max_batch_size: int,
                  max_latency_ms: int, batching: bool = True, method_name: str = "batch",
                  histogram_max_batch_size: int | None = None) -> None:
-        self.name, self.method_name = name, method_name
-        self._func = func
-        # One thread per model: the dispatcher runs one batch at a time, and torch's intra-op
-        # threads are set per process (services/api.py).
+        self.name, self.method_name, self._func = name, method_name, func
+        self.max_batch_size, self.max_latency_s = max_batch_size, max_latency_ms / 1000
+        self.batching = batching
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
         self._histogram = batch_size_histogram(histogram_max_batch_size or max_batch_size)
-        self._call: Callable[[list[Item]], Any]
-        if batching:
-            dispatcher = cork_dispatcher(max_latency_ms=max_latency_ms, max_batch_size=max_batch_size,
-                                         fallback=self._shed, get_batch_size=len)
-            self._call = dispatcher(self._run_merged)
-            self._dispatcher = dispatcher
-        else:
-            self._call = self._run_alone
-            self._dispatcher = None
-
-    def _shed(self) -> Any:
-        raise ServiceError.unavailable(f"The {self.name} batcher is overloaded: this request could not "
-                                       f"be served within max_latency_ms; retry after "
-                                       f"{SETTINGS.http.retry_after_s} s.")
+        self._queue: deque[_Request[Item, Result]] = deque()
+        self._queued_items = 0
+        self._running_items = 0
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.cost = CallCost()  # the model's measured speed, for the wait prediction
 
     async def __call__(self, items: list[Item]) -> list[Result]:
         if not items:
             return []
-        return await self._call(items)
+        if not self.batching:
+            self._observe(1)
+            return await self._run(items)
+        if (wait_s := self.predicted_wait_s(len(items))) > self.max_latency_s:
+            raise ServiceError.unavailable(
+                f"The {self.name} model is overloaded: {self._queued_items + self._running_items} items "
+                f"are ahead of this request (about {wait_s * 1000:.0f} ms; the bound is "
+                f"{self.max_latency_s * 1000:.0f} ms). Retry after {SETTINGS.http.retry_after_s} s.")
+        loop = asyncio.get_running_loop()
+        request = _Request(items, loop.create_future())
+        self._queue.append(request)
+        self._queued_items += len(items)
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._batch_loop(), name=f"{self.name}-batcher")
+        self._wakeup.set()
+        return await request.future
+
+    def predicted_wait_s(self, items: int) -> float:
+        """Seconds until a request of ``items`` items would be answered, at the model's measured speed
+        (0 before the first call has been measured)."""
+        ahead = self._queued_items + self._running_items + items
+        calls = -(-ahead // self.max_batch_size)
+        return self.cost.seconds(calls, ahead)
+
+    async def _batch_loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = self._collect()
+                if batch:
+                    await self._serve(batch)
+
+    def _collect(self) -> list[_Request[Item, Result]]:
+        """Waiting requests, oldest first, up to max_batch_size items (a larger request runs alone)."""
+        batch: list[_Request[Item, Result]] = []
+        size = 0
+        while self._queue:
+            request = self._queue[0]
+            if batch and size + len(request.items) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_items -= len(request.items)
+            if request.future.done():  # cancelled: its caller went away
+                continue
+            batch.append(request)
+            size += len(request.items)
+        return batch
+
+    async def _serve(self, batch: list[_Request[Item, Result]]) -> None:
+        items = [item for request in batch for item in request.items]
+        self._running_items = len(items)
+        self._observe(len(batch))
+        started = time.perf_counter()
+        try:
+            results = await self._run(items)
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+            else:
+                logger.warning("%s: a merged call of %d requests failed; running them one by one",
+                               self.name, len(batch))
+                for request in batch:
+                    await self._serve([request])
+            return
+        finally:
+            self._running_items = 0
+        self.cost.add(len(items), time.perf_counter() - started)
+        start = 0
+        for request in batch:
+            if not request.future.done():
+                request.future.set_result(results[start:start + len(request.items)])
+            start += len(request.items)
 
     async def _run(self, items: list[Item]) -> list[Result]:
         results = await asyncio.get_running_loop().run_in_executor(self._executor, self._func, items)
@@ -105,27 +211,13 @@ class Batcher(Generic[Item, Result]):
             raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
         return results
 
-    async def _run_alone(self, items: list[Item]) -> list[Result]:
-        self._observe(1)
-        return await self._run(items)
-
-    async def _run_merged(self, batches: Sequence[list[Item]]) -> list[list[Result]]:
-        """The dispatcher's callback: one list per request in, one list of results per request out."""
-        self._observe(len(batches))
-        results = await self._run([item for batch in batches for item in batch])
-        out, start = [], 0
-        for batch in batches:
-            out.append(results[start:start + len(batch)])
-            start += len(batch)
-        return out
-
     def _observe(self, requests: int) -> None:
         self._histogram.labels(runner_name=self.name, method_name=self.method_name,
                                **service_metric_labels()).observe(requests)
 
     def shutdown(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.shutdown()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -103,3 +103,95 @@ def test_other_load_errors_are_not_hidden():
 
     with pytest.raises(KeyError):
         InProcessModel("buggy-test-model", load)
+
+
+def test_a_failing_merged_call_fails_only_the_request_that_breaks_it():
+    def square_unless_negative(items: list[int]) -> list[int]:
+        if any(x < 0 for x in items):
+            raise ValueError("negative")
+        return [x * x for x in items]
+
+    batcher = Batcher("test", square_unless_negative, max_batch_size=64, max_latency_ms=5000)
+
+    async def run() -> list[object]:
+        return list(await asyncio.gather(batcher([1, 2]), batcher([-1]), batcher([3]),
+                                         return_exceptions=True))
+
+    try:
+        good, bad, other = asyncio.run(run())
+    finally:
+        batcher.shutdown()
+    assert good == [1, 4] and other == [9]
+    assert isinstance(bad, ValueError)
+
+
+def test_a_request_whose_caller_left_never_reaches_the_model():
+    record = Recorder()
+    gate = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        gate.wait(10)
+        return record(items)
+
+    batcher = Batcher("test", slow, max_batch_size=64, max_latency_ms=5000)
+
+    async def run() -> list[int]:
+        first = asyncio.ensure_future(batcher([1]))  # runs alone, holding the model
+        await asyncio.sleep(0)
+        left = asyncio.ensure_future(batcher([2]))  # queued behind it, then its caller goes away
+        stays = asyncio.ensure_future(batcher([3]))
+        await asyncio.sleep(0)
+        left.cancel()
+        gate.set()
+        return [*(await first), *(await stays)]
+
+    try:
+        assert asyncio.run(run()) == [1, 9]
+    finally:
+        batcher.shutdown()
+    assert sum(record.calls) == 2  # items 1 and 3; the cancelled 2 was dropped before the model
+
+
+def test_the_call_cost_fit_recovers_per_call_and_per_item_seconds():
+    from services.inprocess import CallCost
+
+    cost = CallCost()
+    assert cost.seconds(1, 10) == 0.0  # nothing measured: never shed
+    for items in [1, 8, 64, 3, 32, 64, 1, 16] * 5:
+        cost.add(items, 0.002 + 0.0001 * items)
+    per_call, per_item = cost.coefficients()
+    assert per_call == pytest.approx(0.002, rel=1e-6) and per_item == pytest.approx(0.0001, rel=1e-6)
+    assert cost.seconds(2, 128) == pytest.approx(2 * 0.002 + 128 * 0.0001, rel=1e-6)
+    one_size = CallCost()
+    one_size.add(64, 0.0064)
+    assert one_size.coefficients() == (0.0, pytest.approx(0.0001))
+
+
+def test_requests_are_shed_only_when_the_queue_ahead_cannot_be_served_in_time():
+    record = Recorder()
+    gate = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        gate.wait(10)
+        return record(items)
+
+    batcher = Batcher("test", slow, max_batch_size=4, max_latency_ms=100)
+    for _ in range(10):  # the measured speed: 10 ms per call of up to 4 items, whatever their number
+        batcher.cost.add(4, 0.010)
+        batcher.cost.add(1, 0.010)
+
+    async def run() -> list[object]:
+        # 10 ms per call of 4: 40 items (10 calls, 100 ms) fit the 100 ms bound, the 41st does not.
+        requests = [asyncio.ensure_future(batcher([i])) for i in range(41)]
+        await asyncio.sleep(0)
+        gate.set()
+        return list(await asyncio.gather(*requests, return_exceptions=True))
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        batcher.shutdown()
+    shed = [a for a in answers if isinstance(a, ServiceError)]
+    assert len(shed) == 1 and shed[0].status == 503 and "overloaded" in shed[0].message
+    assert answers[-1] is shed[0]
+    assert sum(record.calls) == 40
