@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load bench train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench
+.PHONY: setup register serve test lint unit integration e2e load bench train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench bento
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -80,9 +80,15 @@ image-context: setup
 smoke: setup
 	PYTHON=$(abspath $(BIN))/python deploy/smoke.sh
 
-## On a CUDA machine: every model on cuda against cpu, outputs within tolerance, throughput ratio.
-gpu-check: register
-	PYTHON=$(abspath $(BIN))/python deploy/gpu_check.sh
+## On a CUDA machine: every model on cuda against cpu, outputs within tolerance, items/s per batch
+## size. Needs only torch + the artifacts: `python3 deploy/gpu_check.py` runs without this venv.
+gpu-check: setup
+	$(BIN)/python deploy/gpu_check.py $(ARGS)
+
+## BentoML's own build: a Bento (services + the four models by tag) in $(BENTOML_HOME); prints its tag.
+bento: register
+	$(BIN)/python deploy/bento_requirements.py --check
+	$(BIN)/bentoml build
 
 ## CPU threads per worker against workers, for the sentiment service (prints a table).
 thread-bench: register
