@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.body_checks import FormSpec, check_json, check_multipart
+from services.body_checks import JSON_BODY, FormSpec, check_multipart, parse_json
 from services.errors import ServiceError, log_error, send_error, to_service_error
 from services.settings import SETTINGS
 
@@ -145,8 +145,10 @@ class Body:
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_limits: dict[str, int] | None = None,
                  media_types: dict[str, str] | None = None, forms: dict[str, FormSpec] | None = None,
-                 max_json_depth: int, body_timeout_s: float = 20.0, prefix: str = "/v1/") -> None:
+                 max_json_depth: int, body_timeout_s: float = 20.0, no_fields: frozenset[str] = frozenset(),
+                 prefix: str = "/v1/") -> None:
         self.app, self.prefix, self.body_timeout_s = app, prefix, body_timeout_s
+        self.no_fields = no_fields  # routes that take no input: a field there is a typo
         self.max_body_bytes, self.body_limits = max_body_bytes, dict(body_limits or {})
         self.media_types = {path: kind.encode() for path, kind in (media_types or {}).items()}
         self.forms, self.max_json_depth = dict(forms or {}), max_json_depth
@@ -190,10 +192,17 @@ class Body:
             await send_error(send, too_large(limit))
             return
         if content_type == b"application/json":
-            problem = check_json(body, self.max_json_depth) if body else None
-        else:
-            problem = await check_multipart(body, scope["headers"], self.forms.get(path))
-        if problem is not None:
+            try:
+                value = parse_json(body, self.max_json_depth) if body else {}
+            except ServiceError as error:
+                await send_error(send, error)
+                return
+            if path in self.no_fields and value != {}:
+                await send_error(send, ServiceError(400, "unknown_field", "This endpoint takes no fields; "
+                                                    "send {} or no body.", None))
+                return
+            scope[JSON_BODY] = body
+        elif (problem := await check_multipart(body, scope["headers"], self.forms.get(path))) is not None:
             await send_error(send, problem)
             return
         await self.app(scope, replay(body, last, receive), send)

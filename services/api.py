@@ -19,10 +19,12 @@ import bentoml
 import torch
 
 import services.bentoml_compat  # noqa: F401 - patches BentoML: no URL fetches, less per-request overhead
+from services import fast_routes
 from services.admission import Body, Deadline, InFlight, Routes, Token
 from services.body_checks import form_specs
 from services.caption import Caption, caption_response, prepare_item, read_upload
 from services.errors import ServiceError, to_service_error
+from services.fast_routes import FastRoutes
 from services.forecast import Forecast, session_answer, window_response
 from services.forecasting import WindowModel
 from services.inprocess import Batcher, InProcessModel
@@ -108,6 +110,9 @@ class Api:
             histogram_max_batch_size=largest)
         self._model_info: dict[str, ModelInfo] = {}
         self._caption_spec: CaptionSpec | None = None
+        # The hot routes skip BentoML's per-request machinery (services/fast_routes.py).
+        fast_routes.register("/v1/sentiment", SentimentRequest, self.classify_sentiment)
+        fast_routes.register("/v1/forecast", ForecastRequest, self.forecast_prices)
 
     async def __is_ready__(self) -> bool:
         """Ready when what this process tree serves is: the models in this worker and the model
@@ -288,6 +293,9 @@ Api.add_asgi_middleware(InFlight, limit=SETTINGS.http.max_in_flight)
 Api.add_asgi_middleware(Body, max_body_bytes=SETTINGS.http.max_body_bytes, body_limits=BODY_LIMITS,
                         media_types={"/v1/caption/upload": "multipart/form-data"}, forms=form_specs(Api),
                         max_json_depth=SETTINGS.http.max_json_depth,
-                        body_timeout_s=SETTINGS.http.body_timeout_s)
+                        body_timeout_s=SETTINGS.http.body_timeout_s,
+                        no_fields=frozenset(method.route for method in Api.apis.values()
+                                            if not method.input_spec.model_fields))
 # Just under BentoML's traffic.timeout, so that this shaped 503 answers before BentoML's bare 504.
 Api.add_asgi_middleware(Deadline, timeout_s=max(SETTINGS.http.timeout_s - 0.5, SETTINGS.http.timeout_s * 0.5))
+Api.add_asgi_middleware(FastRoutes)

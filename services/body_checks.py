@@ -16,30 +16,44 @@ from typing import Any
 from services.errors import ServiceError, field_path
 from services.settings import SETTINGS
 
+JSON_BODY = "rnnserve.json_body"  # the scope key under which admission.Body hands on a checked JSON body
 
-def check_json(body: bytes, max_depth: int) -> ServiceError | None:
-    """Refuses a JSON body that is not UTF-8, not JSON, too deeply nested or holds a number out of
-    float range (1e999, NaN, Infinity, an integer past 1.8e308); None when it is acceptable.
+
+def parse_json(body: bytes, max_depth: int) -> Any:
+    """The JSON value of ``body``; raises the ``ServiceError`` for a body that is not UTF-8, not
+    JSON, too deeply nested or holds a number out of float range (1e999, NaN, Infinity, an integer
+    past 1.8e308).
 
     The schemas check everything else; this runs first so that no parser ever sees such a body.
     """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return ServiceError(400, "invalid_utf8", f"The body is not valid UTF-8 (byte {exc.start}: "
-                       f"{body[exc.start:exc.start + 1]!r}); send JSON encoded as UTF-8.")
+        raise ServiceError(400, "invalid_utf8", f"The body is not valid UTF-8 (byte {exc.start}: "
+                           f"{body[exc.start:exc.start + 1]!r}); send JSON encoded as UTF-8.") from None
     try:
         value = json.loads(text)
     except RecursionError:
-        return ServiceError(400, "too_deeply_nested", f"JSON nesting is deeper than the limit of {max_depth} "
-                       "levels.")
+        raise ServiceError(400, "too_deeply_nested", f"JSON nesting is deeper than the limit of "
+                           f"{max_depth} levels.") from None
     except json.JSONDecodeError as exc:
-        return ServiceError(400, "invalid_json", f"Invalid JSON: {exc.msg} (line {exc.lineno}, column "
-                       f"{exc.colno}).")
+        raise ServiceError(400, "invalid_json", f"Invalid JSON: {exc.msg} (line {exc.lineno}, column "
+                           f"{exc.colno}).") from None
     except ValueError as exc:  # an integer literal of more than sys.int_info.default_max_str_digits
-        return ServiceError(400, "number_out_of_range", f"Invalid JSON: {exc}. Numbers must be finite "
-                       f"64-bit floats (at most {sys.float_info.max:.4g} in magnitude).")
-    return check_value(value, max_depth)
+        raise ServiceError(400, "number_out_of_range", f"Invalid JSON: {exc}. Numbers must be finite "
+                           f"64-bit floats (at most {sys.float_info.max:.4g} in magnitude).") from None
+    if (problem := check_value(value, max_depth)) is not None:
+        raise problem
+    return value
+
+
+def check_json(body: bytes, max_depth: int) -> ServiceError | None:
+    """``parse_json``'s verdict alone: the error, or None when the body is acceptable."""
+    try:
+        parse_json(body, max_depth)
+    except ServiceError as error:
+        return error
+    return None
 
 
 def check_value(value: Any, max_depth: int) -> ServiceError | None:

@@ -167,6 +167,17 @@ def to_service_error(exc: BaseException) -> ServiceError:
     return ServiceError.internal()
 
 
+def report(exc: BaseException, method: str, path: str) -> ServiceError:
+    """What an endpoint raised -> its ``ServiceError``, logged (``log_error``) and, for a 5xx, counted."""
+    from services.metrics import REJECTED_REQUESTS_TOTAL
+
+    error = to_service_error(exc)
+    log_error(method, path, error, exc)
+    if error.status >= 500:
+        REJECTED_REQUESTS_TOTAL.labels(error.code).inc()
+    return error
+
+
 def encode(error: ServiceError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The body and headers of ``error``'s answer: JSON, and Retry-After when retrying helps."""
     body = json.dumps(error.payload()).encode()

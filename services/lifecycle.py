@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import services.bentoml_compat  # BentoML patched (no URL fetches, one error shape) in every process
 import services.observability  # request ids and the log format in every process
 from services.artifacts import load_stored_model
-from services.errors import ServiceError, encode, error_response, log_error, send_error, to_service_error
+from services.errors import ServiceError, encode, error_response, report, send_error
 from services.inprocess import REGISTRY, InProcessModel
 from services.schemas.common import ModelInfo
 from services.settings import SETTINGS
@@ -229,13 +229,7 @@ def _refusal(instance: Any) -> ServiceError | None:
 
 
 def _answer(request: Any, exc: BaseException) -> Any:
-    from services.metrics import REJECTED_REQUESTS_TOTAL
-
-    error = to_service_error(exc)
-    log_error(request.method, request.url.path, error, exc)
-    if error.status >= 500:
-        REJECTED_REQUESTS_TOTAL.labels(error.code).inc()
-    return error_response(error)
+    return error_response(report(exc, request.method, request.url.path))
 
 
 services.bentoml_compat.install_endpoint_handler(_refusal, _answer)

@@ -40,17 +40,26 @@ PADDING_TOKENS_TOTAL = Counter(
     ["model"],
 )
 
-# Forecast sessions. The gauge is summed over live processes; sessions live in the forecast worker.
+# Forecast sessions. Each forecast worker sets the gauge to the open sessions of its store (its own
+# memory, or the Redis every worker and replica shares), so the pod's value is the max over workers;
+# with Redis, take max() over pods too, not sum().
 FORECAST_SESSIONS_ACTIVE = Gauge(
     "rnnserve_forecast_sessions_active",
-    "Open streaming sessions (hidden states held in memory).",
+    "Open streaming sessions in the session store (memory or Redis).",
     ["model"],
-    multiprocess_mode="livesum",
+    multiprocess_mode="livemax",
 )
 FORECAST_SESSION_STEPS_TOTAL = Counter(
     "rnnserve_forecast_session_steps_total",
-    "Bars posted to sessions, by outcome (ok, not_found, invalid).",
+    "Bars posted to sessions, by outcome (ok, duplicate, stale, not_found, invalid, model_version, "
+    "unavailable, busy).",
     ["model", "outcome"],
+)
+FORECAST_SESSION_STORE_UP = Gauge(
+    "rnnserve_forecast_session_store_up",
+    "1 while the session store answers (checked by /readyz and every few seconds), else 0.",
+    ["model"],
+    multiprocess_mode="livemin",
 )
 FORECAST_SESSION_EXPIRATIONS_TOTAL = Counter(
     "rnnserve_forecast_session_expirations_total",

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PREFIX = "RNNSERVE_"
 SECRETS_DIR_VARIABLE = "RNNSERVE_SECRETS_DIR"
@@ -77,10 +77,28 @@ class SentimentSettings(ModelSettings):
 class ForecastSettings(RemoteModelSettings):
     prefix = "FORECAST_"
     model: str = "forecast:latest"
-    workers: int = Field(1, ge=1, le=1, description="Sessions live in one process's memory.")
+    workers: int = Field(1, ge=1, description="Processes of the sessions service; more than 1 only "
+                         "with a Redis session store (in memory, a session lives in one process).")
     max_rows: int = Field(2000, ge=2, description="Bars per request or session history.")
     max_sessions: int = Field(10000, ge=1, description="Open sessions; one more answers 429.")
     session_ttl_s: int = Field(900, ge=1, description="Idle seconds before a session expires.")
+    # Where session states live (services/sessions.py): "memory" (this process; a restart loses them)
+    # or a Redis URL (redis://[:password@]host:port/db, rediss:// for TLS), shared by every worker and
+    # replica. The URL may hold a password: set it from a Secret (RNNSERVE_SECRETS_DIR).
+    session_store: str = Field("memory", pattern=r"^(memory|rediss?://\S+|unix://\S+)$")
+    # Each Redis call (connect, read, write) fails after this; session routes then answer 503.
+    session_store_timeout_s: float = Field(1.0, gt=0, le=30)
+    # A step whose compare-and-set lost to another worker's step of the same session is re-read and
+    # retried at most this many times in all, then answered 503 session_busy.
+    session_step_attempts: int = Field(8, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _workers_need_a_shared_store(self) -> ForecastSettings:
+        if self.workers > 1 and self.session_store == "memory":
+            raise ValueError(f"RNNSERVE_FORECAST_WORKERS: Input should be less than or equal to 1 while "
+                             f"RNNSERVE_FORECAST_SESSION_STORE is memory (got {self.workers}): each "
+                             "worker would hold its own sessions. Set a redis:// URL to run more")
+        return self
 
 
 class CaptionSettings(RemoteModelSettings):

@@ -148,3 +148,10 @@ def test_unknown_paths_share_one_metrics_label(client):
     assert not [path for path in paths if path in metrics]
     assert 'endpoint="/unknown"' in metrics
     assert 'endpoint="/v1/sentiment"' in metrics
+
+
+def test_routes_without_fields_refuse_a_typo(client):
+    for route in ("/v1/models", "/v1/forecast/spec", "/v1/caption/spec"):
+        assert client.post(route, json={}).status_code == 200
+        response = client.post(route, json={"verbose": True})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "unknown_field", route

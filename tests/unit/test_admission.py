@@ -293,3 +293,40 @@ def test_the_fast_json_walk_agrees_with_the_one_that_names_the_field():
         assert fast == (_locate_problem(candidate, max_depth) is None), (candidate, max_depth)
         verdicts.add(fast)
     assert verdicts == {True, False}  # both outcomes were exercised
+
+
+def test_a_route_that_takes_no_fields_refuses_one():
+    app = Body(fake_app, max_body_bytes=1000, max_json_depth=8, no_fields=frozenset({"/v1/models"}))
+    empty, none, typo = run(app, post("/v1/models", json_body={}), post("/v1/models", b""),
+                            post("/v1/models", json_body={"verbose": True}))
+    assert empty.status_code == none.status_code == 200
+    assert_shape(typo, 400, "unknown_field")
+
+
+def test_fast_routes_answer_registered_routes_and_pass_the_rest_on():
+    from pydantic import BaseModel, ConfigDict
+
+    from services import fast_routes
+
+    class Square(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        x: int
+
+    class Squared(BaseModel):
+        y: int
+
+    async def endpoint(request: Square) -> Squared:
+        return Squared(y=request.x * request.x)
+
+    fast_routes.register("/v1/square", Square, endpoint)
+    try:
+        app = Body(fast_routes.FastRoutes(fake_app), max_body_bytes=1000, max_json_depth=8)
+        answered, invalid, other = run(app, post("/v1/square", json_body={"x": 7}),
+                                       post("/v1/square", json_body={"x": "seven", "z": 1}),
+                                       post("/v1/echo", json_body={"x": 7}))
+    finally:
+        del fast_routes.HANDLERS["/v1/square"]
+    assert answered.status_code == 200 and answered.json() == {"y": 49}
+    body = assert_shape(invalid, 400, "validation_error")
+    assert {tuple(d["loc"]) for d in body["detail"]} == {("x",), ("z",)}
+    assert other.json() == {"x": 7}  # not registered: the app itself answered (fake_app echoes)
