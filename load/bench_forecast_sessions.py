@@ -15,6 +15,13 @@ In-process, S sessions each stream T new bars (after a warm history of ``window`
 It also checks that the streamed forecasts equal the whole-history recomputation (allclose). Over
 HTTP (``--url``) it compares ``/v1/forecast/sessions/step`` with ``/v1/forecast`` resending
 ``window + 1`` rows, from concurrent clients. Speed is printed as ratios; nothing is asserted.
+
+    python -m load.bench_forecast_sessions --stores       # session store: memory against Redis
+
+``--stores`` starts the composed server twice on a private model store, once with sessions in memory
+and once in a local ``redis-server`` (AOF, ``appendfsync always`` as in deploy/k8s), and at 1, 16 and
+64 concurrent sessions streams ``--store-bars`` bars into each over HTTP (closed loop: each client
+posts its next bar when the last is answered), giving bars/s and the p50/p99 step latency.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,6 +167,84 @@ def over_http(url: str, clients: int, steps: int) -> dict:
     return out
 
 
+def stream_sessions(url: str, clients: int, bars: int) -> dict:
+    """``clients`` sessions, each warmed with 30 bars then stepped ``bars`` more, concurrently."""
+    import httpx
+
+    from services.schemas.forecast import EXAMPLE_BARS
+
+    history, stream = EXAMPLE_BARS[:30], EXAMPLE_BARS[30:30 + bars]
+    start = threading.Barrier(clients + 1)
+    retries = {"count": 0}
+
+    def client(_: int) -> list[float]:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            session_id = http.post("/v1/forecast/sessions", json={"history": history}).json()["session_id"]
+            start.wait()
+            latencies = []
+            for bar in stream:
+                started = time.perf_counter()
+                for _ in range(50):
+                    response = http.post("/v1/forecast/sessions/step", json={"session_id": session_id,
+                                                                               "bar": bar})
+                    if response.status_code != 503:
+                        break
+                    retries["count"] += 1
+                    time.sleep(0.05)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+            http.post("/v1/forecast/sessions/delete", json={"session_id": session_id})
+            return latencies
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        start.wait()
+        started = time.perf_counter()
+        latencies = [x for f in futures for x in f.result()]
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"clients": clients, "steps": len(latencies), "bars_per_s": len(latencies) / elapsed,
+            "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+            "retries_503": retries["count"]}
+
+
+def store_comparison(levels: tuple[int, ...], bars: int, appendfsync: str = "always") -> list[dict]:
+    """The session-step table, memory against Redis, on servers this function starts and stops."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from services.local_redis import RedisServer
+    from services.local_server import Server
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-sessions-") as tmp:
+        home = Path(tmp) / "bentoml"
+        artifacts = sorted(str(p) for p in (ROOT / "models" / "artifacts").iterdir()
+                           if (p / "model.pt").is_file())
+        subprocess.run([sys.executable, "-m", "training.registry", *artifacts], cwd=ROOT, check=True,
+                       env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"},
+                       capture_output=True)
+        redis = RedisServer(Path(tmp) / "redis", appendfsync=appendfsync).start()
+        try:
+            for store, env in (("memory", {}), (f"redis ({appendfsync})",
+                                                {"RNNSERVE_FORECAST_SESSION_STORE": redis.url})):
+                server = Server(home, env=env).start()
+                try:
+                    stream_sessions(server.url, 4, 5)  # warm the connections and the batcher
+                    for clients in levels:
+                        rows.append({"store": store, **stream_sessions(server.url, clients, bars)})
+                        print(f"  {store:>16} {clients:>3} sessions: {rows[-1]['bars_per_s']:>7.1f} bars/s, "
+                              f"p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms", flush=True)
+                finally:
+                    server.stop()
+        finally:
+            redis.stop()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--url", help="also benchmark a running server over HTTP")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--http-steps", type=int, default=20)
+    parser.add_argument("--stores", action="store_true",
+                        help="also compare session stores over HTTP: memory against a local Redis")
+    parser.add_argument("--store-levels", default="1,16,64", help="concurrent sessions, comma-separated")
+    parser.add_argument("--store-bars", type=int, default=60, help="bars each session streams (<= 60)")
+    parser.add_argument("--appendfsync", default="always", choices=["always", "everysec", "no"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = in_process(args.artifact, args.csv, args.sessions, args.ticks)
@@ -191,6 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  /v1/forecast (resend rows): {results['http_window_forecast_per_s']:>8.1f} req/s, p50 "
               f"{results['http_window_forecast_p50_ms']:.1f} ms  -> sessions {results['http_speedup']:.2f}x")
         print(f"  503 load-shedding retries: {results['http_503_retries']}")
+    if args.stores:
+        levels = tuple(int(x) for x in args.store_levels.split(","))
+        print(f"session store over HTTP (the composed server), {args.store_bars} bars per session")
+        results["stores"] = store_comparison(levels, min(args.store_bars, 60), args.appendfsync)
     print(json.dumps(results))
     return results
 

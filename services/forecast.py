@@ -1,21 +1,35 @@
 """Forecast model service: stateful streaming sessions, and the entry's helpers for forecast answers.
 
 Windowed forecasts run inside the entry service (services/forecasting.py); this service holds the
-sessions (services/sessions.py), which live in its one worker's memory.
+sessions (services/sessions.py). In memory (the default) they live in its one worker; with a Redis
+session store (``RNNSERVE_FORECAST_SESSION_STORE=redis://...``) any number of workers and replicas
+share them, and any of them steps any session.
+
+Readiness: ``/readyz`` answers 200 once the model is loaded, with a JSON body naming each dependency
+and whether it answers (``{"ready": true, "dependencies": [{"name": "session_store", ...}]}``). A
+Redis that does not answer does not make the service unready: every replica shares it, so taking them
+all out of rotation (and, composed, the entry with its sentiment and windowed forecasts) would help no
+one; session routes answer 503 ``session_store_unavailable`` with Retry-After instead, and
+``rnnserve_forecast_session_store_up`` is 0.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from typing import Any
 
+import anyio
 import bentoml
 import torch
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import ServiceError
 from services.forecasting import NAME, ModelSpec, row_features, warm_up_rows
 from services.lifecycle import ModelService, model_service_config
+from services.metrics import FORECAST_SESSION_STORE_UP
 from services.schemas.common import ModelInfo
 from services.schemas.forecast import (
     Bar,
@@ -27,7 +41,8 @@ from services.schemas.forecast import (
     StepItem,
     WindowResult,
 )
-from services.sessions import SessionStore
+from services.session_store import SessionBackend, StoreUnavailableError
+from services.sessions import SessionStore, make_backend
 from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
@@ -35,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 @bentoml.service(
     name=NAME,
-    # One worker (settings enforce it): sessions are this process's memory (services/sessions.py).
+    # One worker unless the session store is Redis (settings enforce it): in memory, a session is
+    # one process's (services/sessions.py).
     **model_service_config(workers=SETTINGS.forecast.workers),
 )
 class Forecast(ModelService):
@@ -48,8 +64,10 @@ class Forecast(ModelService):
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.model = model
         self.model_spec = ModelSpec.from_metadata(metadata, self.model_info.version)
-        self.store = SessionStore(self.model, self.model_spec, SETTINGS.forecast.max_sessions,
-                                  SETTINGS.forecast.session_ttl_s, device=self.device)
+        backend = make_backend(SETTINGS.forecast, self.model_spec.state_shape)
+        self.store = SessionStore(self.model, self.model_spec, backend, cell=metadata.get("cell", "gru"),
+                                  device=self.device, step_attempts=SETTINGS.forecast.session_step_attempts)
+        STORE_HEALTH.backend = backend
         self._stop = threading.Event()
         threading.Thread(target=self._expire_loop, name="forecast-session-ttl", daemon=True).start()
 
@@ -68,6 +86,7 @@ class Forecast(ModelService):
         period = max(1.0, min(30.0, SETTINGS.forecast.session_ttl_s / 4))
         while not self._stop.wait(period):
             self.store.purge_expired()
+            STORE_HEALTH.check()
 
     @bentoml.api(
         batchable=SETTINGS.batching == "on",  # "off" only for load/bench.py
@@ -100,12 +119,18 @@ class Forecast(ModelService):
 
 # Entry-side helpers (used by services/api.py) ---------------------------------------------------
 
-# A session item's error -> the status and code the client gets.
+# A session item's error -> the status and code the client gets (SECURITY.md, the error codes).
 SESSION_ERRORS = {
     "not_found": (404, "session_not_found"),
     "too_many_sessions": (429, "too_many_sessions"),
     "invalid": (400, "invalid_request"),
+    "stale": (409, "stale_bar"),  # a bar dated before (or another bar on) the session's last bar
+    "model_version": (409, "session_model_mismatch"),  # stored by another model version
+    "unavailable": (503, "session_store_unavailable"),  # Redis unreachable or timed out
+    "busy": (503, "session_busy"),  # lost the compare-and-set session_step_attempts times
 }
+# A step's error -> the request field it is about.
+SESSION_ERROR_FIELDS = {"stale": "bar.date", "invalid": None}
 
 
 def session_answer(result: object, field: str = "session") -> Any:
@@ -114,7 +139,8 @@ def session_answer(result: object, field: str = "session") -> Any:
     parsed = SessionResult.model_validate(result, from_attributes=True)
     if parsed.error is not None:
         status, code = SESSION_ERRORS.get(parsed.error, (400, "invalid_request"))
-        raise ServiceError(status, code, parsed.message or parsed.error)
+        raise ServiceError(status, code, parsed.message or parsed.error,
+                           SESSION_ERROR_FIELDS.get(parsed.error))
     return getattr(parsed, field)
 
 
@@ -135,3 +161,69 @@ def window_response(request: ForecastRequest, result: object, spec: ForecastSpec
                             forecasts=result.forecasts, interval=spec.interval,
                             nominal_coverage=spec.nominal_coverage, rows_received=received,
                             rows_used=result.rows_used, note=note)
+
+
+# Readiness of the sessions service ----------------------------------------------------------------
+
+
+class StoreHealth:
+    """Whether the session store answers, checked at most once a second (readiness, the gauge)."""
+
+    def __init__(self, min_interval_s: float = 1.0) -> None:
+        self.backend: SessionBackend | None = None
+        self.min_interval_s = min_interval_s
+        self.checked_at, self.error = float("-inf"), None
+        self.lock = threading.Lock()
+
+    def check(self) -> dict[str, Any] | None:
+        """The store's entry of ``/readyz`` (None before the model is loaded)."""
+        if self.backend is None:
+            return None
+        with self.lock:
+            if time.monotonic() - self.checked_at >= self.min_interval_s:
+                try:
+                    self.backend.ping()
+                    self.error = None
+                except StoreUnavailableError as exc:
+                    self.error = str(exc)
+                self.checked_at = time.monotonic()
+                FORECAST_SESSION_STORE_UP.labels(NAME).set(0 if self.error else 1)
+        entry = {"name": "session_store", "store": self.backend.describe(), "ready": self.error is None}
+        if self.error:
+            entry["error"] = self.error[:300]
+        return entry
+
+
+STORE_HEALTH = StoreHealth()
+
+
+class StoreReadyz:
+    """``GET /readyz`` of the forecast service: BentoML's status, with a JSON body that names the
+    session store and whether it answers (see the module docstring for why it stays 200)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/readyz":
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, capture)
+        if not messages or messages[0].get("status") != 200:  # not ready: BentoML's answer as it is
+            for message in messages:
+                await send(message)
+            return
+        entry = await anyio.to_thread.run_sync(STORE_HEALTH.check)
+        body = json.dumps({"ready": True, "dependencies": [entry] if entry else []}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+Forecast.add_asgi_middleware(StoreReadyz)

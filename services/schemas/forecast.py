@@ -23,6 +23,9 @@ MIN_PRICE, MAX_PRICE, MAX_VOLUME = 1e-6, 1e9, 1e15
 # Bar dates: beyond these no market data exists, and past 9999-12-31 no forecast date can be named.
 MIN_DATE, MAX_DATE = dt.date(1800, 1, 1), dt.date(2999, 12, 31)
 MAX_HORIZON = 64  # a sanity bound for the schema; the model's own H is checked in check_forecast
+# A session reads at most one bar a day, within the date range above.
+MAX_BARS_SEEN = (MAX_DATE - MIN_DATE).days + 1
+FLOAT32_MAX = 3.4028234663852886e38  # float(numpy.finfo(numpy.float32).max)
 DISCLAIMER = ("Research/demo forecast from a small model on Yahoo Finance data; not trading or "
               "investment advice.")
 
@@ -194,19 +197,42 @@ class StepRequest(BaseModel):
 
 
 class SessionState(BaseModel):
-    """A session's full state, to resume it on another replica (``/v1/forecast/sessions/import``)."""
+    """A session's full state, to resume it on another replica (``/v1/forecast/sessions/import``).
+
+    It passes through clients' hands, so import checks all of it: here what needs no model (values
+    finite in float32, ``bars_seen`` within the bar date range, ``next`` after ``last_bar``), and in
+    services/session_checks.py the rest against the loaded model (version, shape, the range its
+    recurrence keeps a state in, ``next`` as a step after ``last_bar`` answers it).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    model_version: str = Field(description="The artifact version the state belongs to; import "
-                               "refuses another.")
+    model_version: str = Field(max_length=64, description="The artifact version the state belongs "
+                               "to; import refuses another.")
     state_shape: list[int] = Field(min_length=2, max_length=2,
                                    description="(state layers, hidden size); LSTM stacks h over c.")
-    state: list[float] = Field(max_length=65536, description="Hidden state, row-major.")
+    state: list[float] = Field(max_length=65536, description="Hidden state, row-major; each value "
+                               "finite in float32 and within the range the model keeps it in.")
     last_bar: Bar | None = Field(default=None, description="The last bar seen (features need its "
                                  "close and volume).")
-    bars_seen: int = Field(ge=0)
+    bars_seen: int = Field(ge=0, le=MAX_BARS_SEEN, description="Bars the session has read: at most "
+                           "one per day from the first bar date the schema accepts to last_bar's.")
     next: DayForecast | None = None
+
+    @model_validator(mode="after")
+    def _plausible(self) -> SessionState:
+        for i, value in enumerate(self.state):
+            if not abs(value) <= FLOAT32_MAX:  # also NaN; 1e39 is finite in float64, not in float32
+                raise ValueError(f"state[{i}] is {value!r}, not a finite float32 (|value| <= "
+                                 f"{FLOAT32_MAX:g})")
+        if self.last_bar is not None:
+            days = (self.last_bar.date - MIN_DATE).days + 1
+            if self.bars_seen > days:
+                raise ValueError(f"bars_seen {self.bars_seen} is more than the {days} days from "
+                                 f"{MIN_DATE} to last_bar's date {self.last_bar.date}")
+        if self.next is not None and (self.last_bar is None or self.next.date <= self.last_bar.date):
+            raise ValueError("next must forecast a day after last_bar's date")
+        return self
 
 
 class SessionInfo(BaseModel):
@@ -226,7 +252,8 @@ class SessionResult(BaseModel):
 
     session: SessionInfo | None = None
     state: SessionState | None = None
-    error: str | None = Field(default=None, description="not_found, too_many_sessions or invalid.")
+    error: str | None = Field(default=None, description="not_found, too_many_sessions, invalid, stale, "
+                              "model_version, unavailable or busy (services/forecast.py SESSION_ERRORS).")
     message: str | None = None
 
 

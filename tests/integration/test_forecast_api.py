@@ -189,8 +189,9 @@ def test_unknown_session_is_a_404_on_every_route(client, route):
 
 
 BAD_STEPS = [
-    ("same date again", EXAMPLE_BARS[29], 400, "duplicates the session's last bar"),
-    ("earlier date", EXAMPLE_BARS[3], 400, "is before the session's last bar"),
+    ("another bar on the same date", {**EXAMPLE_BARS[29], "close": EXAMPLE_BARS[29]["close"] + 1}, 409,
+     "is another bar for the date of the session's last bar"),
+    ("earlier date", EXAMPLE_BARS[3], 409, "is before the session's last bar"),
     ("NaN close", bad_bar(close="NaN"), 400, "finite number"),
     ("high below low", bad_bar(high=1.0), 400, "is below low"),
     ("negative price", bad_bar(open=-1.0), 400, "greater than 0"),
@@ -207,6 +208,32 @@ def test_bad_step_is_a_4xx_and_never_changes_the_session(client, case, bar, stat
     assert message in response.text
     after = client.post(f"{SESSIONS}/export", json={"session_id": session_id}).json()
     assert after == before
+
+
+def test_a_stale_bar_is_a_409_stale_bar_and_a_resent_bar_returns_its_answer(client):
+    session_id = create(client, EXAMPLE_BARS[:30])["session_id"]
+    first = step(client, session_id, EXAMPLE_BARS[30])
+    again = step(client, session_id, EXAMPLE_BARS[30])  # a client's retry after a timeout
+    assert again.status_code == 200 and again.json() == first.json() and again.json()["bars_seen"] == 31
+    stale = step(client, session_id, EXAMPLE_BARS[29])
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_bar"
+    assert stale.json()["error"]["field"] == "bar.date"
+    assert step(client, session_id, EXAMPLE_BARS[31]).json()["bars_seen"] == 32
+
+
+def test_import_refuses_states_no_model_could_reach(client):
+    """Issue 13, finding 11: each of these was accepted."""
+    exported = client.post(f"{SESSIONS}/export", json={"session_id": create(client, EXAMPLE_BARS[:30])[
+        "session_id"]}).json()
+    forged_next = {**exported["next"], "point": -5.0, "lower": -6.0, "date": "0001-01-01"}
+    cases = [({"state": [1e39, *exported["state"][1:]]}, "not a finite float32"),
+             ({"state": [1e30, *exported["state"][1:]]}, "state holds 1e+30"),
+             ({"next": forged_next}, "next must forecast a day after last_bar"),
+             ({"bars_seen": 10**300}, "bars_seen")]
+    for change, message in cases:
+        response = client.post(f"{SESSIONS}/import", json={**exported, **change})
+        assert response.status_code == 400 and message in response.text, (change.keys(), response.text)
+    assert client.post(f"{SESSIONS}/import", json=exported).status_code == 200
 
 
 def test_a_far_date_among_concurrent_steps_fails_alone_and_changes_nothing(client, server):

@@ -1,9 +1,15 @@
-"""The forecast service's pure helpers and session store, on a tiny fixed-weight scripted model."""
+"""The forecast service's pure helpers and session store, on a tiny fixed-weight scripted model.
+
+Session tests run against both stores: in memory, and a real ``redis-server`` started on a free port
+(tests/redis_fixtures.py; skipped, saying why, only when it cannot be started).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import re
+import secrets
 from http import HTTPStatus
 
 import numpy as np
@@ -16,6 +22,7 @@ from services.errors import ServiceError
 from services.forecast import session_answer, window_response
 from services.forecasting import ModelSpec, business_dates, forecast_windows, row_features
 from services.metrics import FORECAST_SESSION_EXPIRATIONS_TOTAL, FORECAST_SESSIONS_ACTIVE
+from services.redis_sessions import RedisBackend
 from services.schemas.common import ModelInfo
 from services.schemas.forecast import (
     EXAMPLE_BARS,
@@ -27,7 +34,9 @@ from services.schemas.forecast import (
     StepItem,
     check_forecast,
 )
+from services.session_store import MemoryBackend
 from services.sessions import SessionStore
+from tests.redis_fixtures import redis_server  # noqa: F401 - a fixture
 from training.export import script
 
 WINDOW = 8
@@ -56,9 +65,25 @@ class Clock:
         return self.now
 
 
-def store(model, spec, max_sessions: int = 10, ttl_s: float = 60.0, clock=None) -> SessionStore:
-    return SessionStore(model, spec, max_sessions, ttl_s, clock=clock or Clock(),
-                        model_name="unit_test")
+def memory_store(model, spec, max_sessions: int = 10, ttl_s: float = 60.0, clock=None) -> SessionStore:
+    return SessionStore(model, spec, MemoryBackend(max_sessions, ttl_s, clock=clock or Clock()),
+                        cell="lstm", model_name="unit_test")
+
+
+def redis_store(url: str, model, spec, max_sessions: int = 10, ttl_s: float = 60.0) -> SessionStore:
+    """A store on its own key prefix of the shared test Redis, so tests never see each other's."""
+    backend = RedisBackend(url, max_sessions, ttl_s, spec.state_shape, timeout_s=5.0,
+                           prefix=f"unit:{secrets.token_hex(8)}:")
+    return SessionStore(model, spec, backend, cell="lstm", model_name="unit_test")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    """``store(model, spec, max_sessions=..., ttl_s=...)`` of the parametrized kind."""
+    if request.param == "memory":
+        return memory_store
+    url = request.getfixturevalue("redis_server").url
+    return lambda *args, **kwargs: redis_store(url, *args, **kwargs)
 
 
 def expected_next(model, rows: list[Bar]) -> np.ndarray:
@@ -193,7 +218,7 @@ def test_error_items_raise_their_domain_code(error, status, code):
     assert (raised.value.status, raised.value.code, raised.value.message) == (status, code, "why")
 
 
-def test_a_good_item_answers_its_session_or_state(model, spec):
+def test_a_good_item_answers_its_session_or_state(model, spec, store):
     sessions = store(model, spec)
     created = sessions.create(BARS[:3])
     assert session_answer(created) == created.session
@@ -204,7 +229,7 @@ def test_a_good_item_answers_its_session_or_state(model, spec):
 # Sessions -----------------------------------------------------------------------------------------
 
 
-def test_streaming_bars_one_by_one_equals_one_many_to_many_pass(model, spec):
+def test_streaming_bars_one_by_one_equals_one_many_to_many_pass(model, spec, store):
     sessions = store(model, spec)
     created = sessions.create()
     session_id = created.session.session_id
@@ -218,7 +243,7 @@ def test_streaming_bars_one_by_one_equals_one_many_to_many_pass(model, spec):
     assert result.session.bars_seen == 40
 
 
-def test_history_warms_the_state_like_streaming_it(model, spec):
+def test_history_warms_the_state_like_streaming_it(model, spec, store):
     sessions = store(model, spec)
     warm = sessions.create(BARS[:20]).session
     streamed = sessions.create(BARS[:5]).session.session_id
@@ -229,7 +254,7 @@ def test_history_warms_the_state_like_streaming_it(model, spec):
     assert warm.next.date == business_dates(BARS[19].date, 1)[0]
 
 
-def test_steps_of_many_sessions_are_one_batch_and_equal_separate_steps(model, spec):
+def test_steps_of_many_sessions_are_one_batch_and_equal_separate_steps(model, spec, store):
     together, apart = store(model, spec), store(model, spec)
     histories = [BARS[:10], BARS[:25], BARS[:3]]
     ids_together = [together.create(h).session.session_id for h in histories]
@@ -242,7 +267,7 @@ def test_steps_of_many_sessions_are_one_batch_and_equal_separate_steps(model, sp
         np.testing.assert_allclose(log_quantiles(result), log_quantiles(single), rtol=1e-5, atol=1e-6)
 
 
-def test_a_session_twice_in_one_batch_advances_in_order(model, spec):
+def test_a_session_twice_in_one_batch_advances_in_order(model, spec, store):
     sessions = store(model, spec)
     session_id = sessions.create(BARS[:10]).session.session_id
     results = sessions.step([StepItem(session_id=session_id, bar=BARS[10]),
@@ -252,23 +277,42 @@ def test_a_session_twice_in_one_batch_advances_in_order(model, spec):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_bad_step_and_unknown_session_never_change_a_session(model, spec):
+def test_bad_step_and_unknown_session_never_change_a_session(model, spec, store):
     sessions = store(model, spec)
     session_id = sessions.create(BARS[:10]).session.session_id
     before = sessions.export(session_id).state
-    results = sessions.step([StepItem(session_id=session_id, bar=BARS[9]),  # same date again
+    other = BARS[9].model_copy(update={"close": BARS[9].close + 1})
+    results = sessions.step([StepItem(session_id=session_id, bar=other),  # another bar, same date
                              StepItem(session_id=session_id, bar=BARS[4]),  # earlier date
                              StepItem(session_id="missing", bar=BARS[10])])
-    assert [r.error for r in results] == ["invalid", "invalid", "not_found"]
-    assert "duplicates the session's last bar" in results[0].message
+    assert [r.error for r in results] == ["stale", "stale", "not_found"]
+    assert "is another bar for the date of the session's last bar" in results[0].message
     assert "is before the session's last bar" in results[1].message
     assert "unknown or expired" in results[2].message
     assert sessions.export(session_id).state == before
+    with pytest.raises(ServiceError) as raised:
+        session_answer(results[0])
+    assert (raised.value.status, raised.value.code, raised.value.field) == (409, "stale_bar", "bar.date")
+
+
+def test_resending_the_last_bar_answers_it_again_without_a_second_step(model, spec, store):
+    """A client that timed out retries its bar: it gets the answer it missed, and the state is
+    stepped once; a bar sent twice in one batch is applied once too."""
+    sessions = store(model, spec)
+    session_id = sessions.create(BARS[:10]).session.session_id
+    [first] = sessions.step([StepItem(session_id=session_id, bar=BARS[10])])
+    after_first = sessions.export(session_id).state
+    [again] = sessions.step([StepItem(session_id=session_id, bar=BARS[10])])
+    assert again == first and again.session.bars_seen == 11
+    assert sessions.export(session_id).state == after_first
+    both = sessions.step([StepItem(session_id=session_id, bar=BARS[11]),
+                          StepItem(session_id=session_id, bar=BARS[11])])
+    assert both[0] == both[1] and both[0].session.bars_seen == 12
 
 
 def test_idle_sessions_expire_after_the_ttl(model, spec):
     clock = Clock()
-    sessions = store(model, spec, ttl_s=30, clock=clock)
+    sessions = memory_store(model, spec, ttl_s=30, clock=clock)
     expirations = FORECAST_SESSION_EXPIRATIONS_TOTAL.labels("unit_test")
     before = expirations._value.get()
     idle = sessions.create(BARS[:5]).session.session_id
@@ -284,7 +328,7 @@ def test_idle_sessions_expire_after_the_ttl(model, spec):
     assert sessions.step([StepItem(session_id=busy, bar=BARS[5])])[0].error is None
 
 
-def test_max_sessions_answers_too_many_until_one_is_deleted(model, spec):
+def test_max_sessions_answers_too_many_until_one_is_deleted(model, spec, store):
     sessions = store(model, spec, max_sessions=2)
     first = sessions.create().session.session_id
     sessions.create()
@@ -296,7 +340,7 @@ def test_max_sessions_answers_too_many_until_one_is_deleted(model, spec):
     assert sessions.create().error is None
 
 
-def test_exported_state_resumes_exactly_elsewhere(model, spec):
+def test_exported_state_resumes_exactly_elsewhere(model, spec, store):
     here, elsewhere = store(model, spec), store(model, spec)
     session_id = here.create(BARS[:30]).session.session_id
     exported = SessionState.model_validate_json(here.export(session_id).state.model_dump_json())
@@ -313,12 +357,57 @@ def test_exported_state_resumes_exactly_elsewhere(model, spec):
     ({"state": [0.0] * 11}, "state has 11 values"),
     ({"state": [float("nan")] * 12}, "NaN or infinite"),
     ({"last_bar": None}, "last_bar must be set"),
+    # Finite in float32, but no GRU/LSTM reaches it: h stays in [-1, 1], an LSTM's c within bars_seen.
+    ({"state": [1e30] + [0.0] * 11}, "state holds 1e+30; a hidden state (h) of this lstm model"),
+    ({"state": [0.0] * 6 + [5.5] + [0.0] * 5}, "state holds 5.5; an LSTM cell after 5 bars"),
+    ({"next": None}, "next must be set exactly when bars_seen >= 2"),
 ])
-def test_import_rejects_foreign_or_broken_states(model, spec, changes, message):
+def test_import_rejects_foreign_or_broken_states(model, spec, changes, message, store):
     sessions = store(model, spec)
     exported = sessions.export(sessions.create(BARS[:5]).session.session_id).state
     result = sessions.import_state(exported.model_copy(update=changes))
     assert result.error == "invalid" and message in result.message
+
+
+def forged_next(exported: SessionState, **changes) -> dict:
+    return {**exported.next.model_dump(mode="json"), **changes}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    # Issue 13, finding 11: each was accepted, and echoed or stepped to nulls.
+    (lambda e: {"state": [1e39, *e.state[1:]]}, "state[0] is 1e+39, not a finite float32"),
+    (lambda e: {"bars_seen": 10**300}, "bars_seen"),
+    (lambda e: {"bars_seen": 100_000}, "bars_seen 100000 is more than the"),
+    (lambda e: {"next": forged_next(e, date="0001-01-01")}, "next must forecast a day after last_bar"),
+])
+def test_import_schema_refuses_impossible_states(model, spec, change, message):
+    """What needs no model is refused by the schema: a 400 at the entry naming the field."""
+    sessions = memory_store(model, spec)
+    exported = sessions.export(sessions.create(BARS[:5]).session.session_id).state
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        SessionState.model_validate({**exported.model_dump(mode="json"), **change(exported)})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda e, last: {"point": e.next.upper + 10,
+                      "quantiles": {**e.next.quantiles, "0.5": e.next.upper + 10}},
+     "next.quantiles must not decrease"),
+    (lambda e, last: {"date": "2100-01-05"}, "next must be horizon 1 on"),
+    (lambda e, last: {"horizon": 3}, "next must be horizon 1 on"),
+    (lambda e, last: {"quantiles": {"0.5": e.next.point}}, "next.quantiles must have exactly the levels"),
+    (lambda e, last: {"point": e.next.point * 2}, "next.lower/point/upper must be its quantiles"),
+    (lambda e, last: {"log_return": 0.5}, "next.log_return must be log(next.point / last_bar.close)"),
+    (lambda e, last: {k: -1.0 for k in ("point", "lower", "upper")} | {
+        "quantiles": dict.fromkeys(e.next.quantiles, -1.0)}, "must be positive and finite"),
+])
+def test_import_refuses_a_forged_next(model, spec, change, message, store):
+    sessions = store(model, spec)
+    exported = sessions.export(sessions.create(BARS[:5]).session.session_id).state
+    forged = SessionState.model_validate({**exported.model_dump(mode="json"),
+                                          "next": forged_next(exported, **change(exported, BARS[4]))})
+    result = sessions.import_state(forged)
+    assert result.error == "invalid" and message in result.message, result.message
+    assert sessions.import_state(exported).error is None  # the real one still imports
 
 
 class PoisonedStep:
@@ -346,7 +435,7 @@ def snapshot(sessions: SessionStore, session_id: str):
     return exported.model_dump()
 
 
-def test_a_step_applies_fully_or_changes_nothing_and_never_fails_its_neighbours(model, spec):
+def test_a_step_applies_fully_or_changes_nothing_and_never_fails_its_neighbours(model, spec, store):
     """Every error the step path can raise, each beside valid steps of other sessions in one batch:
     each valid step answers exactly as it would alone and advances once; each bad one answers its
     error and leaves its session exactly as it was."""
@@ -360,7 +449,7 @@ def test_a_step_applies_fully_or_changes_nothing_and_never_fails_its_neighbours(
     far = dt.date(9999, 12, 30)  # a Thursday: the next bar, 9999-12-31, has no next business day
     bad_steps = {
         "not_found": lambda sid: StepItem(session_id="missing", bar=BARS[10]),
-        "same date": lambda sid: StepItem(session_id=sid, bar=BARS[9]),
+        "same date": lambda sid: StepItem(session_id=sid, bar=bar(BARS[9], close=BARS[9].close + 1)),
         "earlier date": lambda sid: StepItem(session_id=sid, bar=BARS[4]),
         "non-finite": lambda sid: StepItem(session_id=sid, bar=bar(BARS[10], close=float("inf"),
                                                                    high=float("inf"))),
@@ -396,7 +485,7 @@ def test_a_step_applies_fully_or_changes_nothing_and_never_fails_its_neighbours(
             assert_same_forecasts([got.session.next], [want.session.next])
 
 
-def test_a_first_bar_without_a_forecast_date_is_refused_and_changes_nothing(model, spec):
+def test_a_first_bar_without_a_forecast_date_is_refused_and_changes_nothing(model, spec, store):
     sessions = store(model, spec)
     session_id = sessions.create().session.session_id
     [result] = sessions.step([StepItem(session_id=session_id, bar=Bar.model_construct(
