@@ -254,7 +254,8 @@ class Api:
     @bentoml.api(route="/v1/translate/stream")
     async def translate_stream(self, request: TranslateStreamRequest, /) -> AsyncGenerator[str, None]:
         """Greedy translation as server-sent events: ``{"delta": ...}`` as text is decoded, then a
-        ``{"done": true, "translation": ...}`` summary. Not batched: one decode loop per stream.
+        ``{"done": true, "translation": ...}`` summary. Each stream is a row of the translate
+        service's shared decode loop, so concurrent streams share its steps.
         """
         buffer = ""  # the dependency's byte chunks need not align with events: re-frame on blank lines
         async for chunk in self.translate.to_async.stream(text=request.text, max_length=request.max_length):

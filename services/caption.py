@@ -4,11 +4,15 @@ The entry service (``services/api.py``) decodes, validates and converts each upl
 at the model's size (``prepare_image``); concurrent requests then arrive here as one list that
 BentoML's adaptive batcher assembled. The work is a chain of pure helpers, testable without a server:
 ``to_batch -> decode (greedy or beam, per beam size) -> to_results``.
+
+The model service decodes every image of every request and every stream as one sequence of a
+shared decode loop (``services/decoding.py``, built by ``caption_scheduler``): each step runs the
+artifact's ``step`` once for every active row, and a caption equals the one ``caption_images``
+(the static path, kept as the reference) gives the image alone.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import math
@@ -32,6 +36,8 @@ from models.images import (
     to_pixels,
 )
 from services.decode_pool import BoundedPool
+from services.decoding import Beam, DecodeScheduler, Done, Greedy, Hypothesis, Vocabulary, generate, stream
+from services.decoding import Sequence as DecodeSequence
 from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import (
@@ -170,21 +176,23 @@ def to_batch(decoder: Decoder, items: Sequence[CaptionItem]) -> torch.Tensor:
 def to_results(decoder: Decoder, tokens: torch.Tensor, logprobs: torch.Tensor,
                lengths: torch.Tensor) -> list[CaptionResult]:
     """Decoded id rows -> results: words, their probabilities, whether <eos> ended the caption."""
-    results = []
-    for row, scores, length in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), strict=True):
-        ids, scores = row[:length], scores[:length]
-        complete = bool(ids) and ids[-1] == decoder.eos_id
-        words = ids[:-1] if complete else ids
-        results.append(CaptionResult(
-            caption=" ".join(decoder.vocab[i] for i in words),
-            tokens=[{"token": decoder.vocab[i], "probability": math.exp(s)}
-                    for i, s in zip(words, scores, strict=False)],
-            complete=complete,
-            end_probability=math.exp(scores[-1]) if complete else None,
-            log_probability=min(0.0, float(sum(scores))),
-            steps=length,
-        ))
-    return results
+    return [caption_result(decoder, row[:length], scores[:length])
+            for row, scores, length in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), strict=True)]
+
+
+def caption_result(decoder: Decoder, ids: list[int], scores: list[float]) -> CaptionResult:
+    """One caption's ids (``<eos>`` last when emitted) and their log-probabilities -> its result."""
+    complete = bool(ids) and ids[-1] == decoder.eos_id
+    words = ids[:-1] if complete else ids
+    return CaptionResult(
+        caption=" ".join(decoder.vocab[i] for i in words),
+        tokens=[{"token": decoder.vocab[i], "probability": math.exp(s)}
+                for i, s in zip(words, scores, strict=False)],
+        complete=complete,
+        end_probability=math.exp(scores[-1]) if complete else None,
+        log_probability=min(0.0, float(sum(scores))),
+        steps=len(ids),
+    )
 
 
 @torch.inference_mode()
@@ -217,22 +225,44 @@ def caption_images(decoder: Decoder, items: Sequence[CaptionItem]) -> list[Capti
     return results  # type: ignore[return-value]
 
 
-@torch.inference_mode()
-def stream_steps(decoder: Decoder, item: CaptionItem):
-    """Greedy decoding one step at a time: yields (word id, log-probability) until <eos> or the limit.
+def caption_scheduler(decoder: Decoder, *, max_rows: int, max_queue: int) -> DecodeScheduler:
+    """The decode loop over the artifact's exported ``encode`` and ``step``; its memory (the spatial
+    features and their keys) has one width, so nothing is padded or trimmed."""
+    vocab = Vocabulary(bos_id=decoder.bos_id, eos_id=decoder.eos_id, pad_id=decoder.pad_id,
+                       eos_in_output=True)
 
-    Uses the exported ``encode`` and ``step`` methods, so it makes the same choices as ``greedy``.
-    """
-    images = to_batch(decoder, [item])
-    memory, keys, state = decoder.model.encode(images)
-    current = torch.full((1,), decoder.bos_id, dtype=torch.long, device=decoder.device)
-    for _ in range(item.max_length):
-        logprobs, state = decoder.model.step(current, state, memory, keys)
-        best_logprob, best = logprobs.max(dim=1)
-        yield int(best), float(best_logprob)
-        if int(best) == decoder.eos_id:
-            return
-        current = best
+    def encode(images: list[torch.Tensor]):
+        memory, keys, state = decoder.model.encode(torch.stack(images))  # (G, N, C), (G, N, A), (S*L, G, H)
+        return (memory, keys), state, [int(memory.shape[1])] * len(images)
+
+    def step(tokens: torch.Tensor, state: torch.Tensor, memory: tuple[torch.Tensor, ...]):
+        log_probs, state = decoder.model.step(tokens, state, *memory)
+        return log_probs, state, None
+
+    return DecodeScheduler(NAME, encode, step, vocab, max_rows=max_rows, max_queue=max_queue,
+                           device=decoder.device)
+
+
+def caption_sequence(decoder: Decoder, scheduler: DecodeScheduler, item: CaptionItem,
+                     deadline_s: float) -> DecodeSequence:
+    """One item as a sequence of the loop: greedy, or a beam of ``beam_size`` rows ranked by raw
+    log-probability, as the artifact's ``beam_search``; ``<eos>`` counts toward ``max_length``."""
+    try:
+        (image,) = to_batch(decoder, [item])  # (3, S, S)
+    except ValueError as exc:
+        raise ServiceError(400, "invalid_request", str(exc), "pixels") from exc
+    if item.beam_size == 1:
+        search = Greedy(scheduler.vocab, item.max_length, 0)
+    else:
+        search = Beam(scheduler.vocab, item.beam_size, item.max_length, 0, length_penalty=0.0)
+    return DecodeSequence(image, search, time.monotonic() + deadline_s)
+
+
+def scheduled_result(decoder: Decoder, hypothesis: Hypothesis, kind: str) -> CaptionResult:
+    result = caption_result(decoder, hypothesis.tokens, hypothesis.token_logprobs)
+    CAPTION_DECODE_STEPS.labels(NAME, kind).observe(result.steps)
+    CAPTION_LENGTH_TOKENS.labels(NAME).observe(len(result.tokens))
+    return result
 
 
 @bentoml.service(name=NAME, **model_service_config(workers=SETTINGS.caption.workers))
@@ -243,6 +273,8 @@ class Caption(ModelService):
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.decoder = Decoder.from_metadata(model, metadata, self.device)
+        self.scheduler = caption_scheduler(self.decoder, max_rows=SETTINGS.caption.max_active_rows,
+                                           max_queue=SETTINGS.caption.max_queue).start()
         self.spec_info = CaptionSpec(
             image_size=self.decoder.image_size, mean=metadata["normalisation"]["mean"],
             std=metadata["normalisation"]["std"], preprocess=PREPROCESS, formats=list(FORMATS),
@@ -252,45 +284,44 @@ class Caption(ModelService):
         )
 
     def warm_up(self) -> None:
-        """Greedy and beam decoding at batch 1 and at the full batch, at the full length limit."""
+        """Greedy and beam rows joining a running batch, at the full length limit."""
         size = self.decoder.image_size
         pixels = encode_pixels(np.full((size, size, 3), 96, dtype=np.uint8))
-        for beam_size in (1, 3):
-            for batch_size in (1, SETTINGS.caption.max_batch_size):
-                items = [CaptionItem(pixels=pixels, beam_size=beam_size, max_length=MAX_LENGTH)] * batch_size
-                caption_images(self.decoder, items)
+        sequences = [caption_sequence(self.decoder, self.scheduler, CaptionItem(
+            pixels=pixels, beam_size=beam_size, max_length=MAX_LENGTH), SETTINGS.caption.deadline_s)
+            for beam_size in (1, 3) for _ in range(4)]
+        self.scheduler.run(sequences)
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SETTINGS.caption.max_batch_size,
-        max_latency_ms=SETTINGS.caption.max_latency_ms,
-    )
-    def caption(self, items: list[CaptionItem]) -> list[CaptionResult]:
-        return caption_images(self.decoder, items)
+    @bentoml.api
+    async def caption(self, items: list[CaptionItem]) -> list[CaptionResult]:
+        sequences = [caption_sequence(self.decoder, self.scheduler, item, SETTINGS.caption.deadline_s)
+                     for item in items]
+        started = time.perf_counter()
+        hypotheses = await generate(self.scheduler, sequences)
+        INFERENCE_SECONDS.labels(NAME).observe(time.perf_counter() - started)
+        return [scheduled_result(self.decoder, hypothesis, "greedy" if item.beam_size == 1 else "beam")
+                for item, hypothesis in zip(items, hypotheses, strict=True)]
 
     @bentoml.api
     async def stream(self, item: CaptionItem) -> AsyncGenerator[str, None]:
-        """Server-sent events: one ``StreamToken`` per word as it is decoded, then a ``StreamEnd``."""
-        words: list[str] = []
-        steps, complete = 0, False
-        generator = stream_steps(self.decoder, item)
-        while True:
-            step = await asyncio.to_thread(next, generator, None)
-            if step is None:
-                break
-            token_id, logprob = step
-            steps += 1
-            if token_id == self.decoder.eos_id:
-                complete = True
-                break
-            words.append(self.decoder.vocab[token_id])
-            line = StreamToken(index=len(words) - 1, token=words[-1], probability=math.exp(logprob))
-            yield sse(line)
-        CAPTION_DECODE_STEPS.labels(NAME, "stream").observe(steps)
-        CAPTION_LENGTH_TOKENS.labels(NAME).observe(len(words))
-        end = StreamEnd(caption=" ".join(words), complete=complete, steps=steps,
-                        model_version=self.model_info.version)
-        yield sse(end)
+        """Server-sent events: one ``StreamToken`` per word as it is decoded, then a ``StreamEnd``.
+
+        A row of the shared decode loop, greedy: closing the stream (a client that went away)
+        frees the row at the next step."""
+        item = item.model_copy(update={"beam_size": 1})
+        sequence = caption_sequence(self.decoder, self.scheduler, item, SETTINGS.caption.deadline_s)
+        words = 0
+        async for event in stream(self.scheduler, sequence):
+            if isinstance(event, Done):
+                result = scheduled_result(self.decoder, event.hypothesis, "stream")
+                yield sse(StreamEnd(caption=result.caption, complete=result.complete, steps=result.steps,
+                                    model_version=self.model_info.version))
+                return
+            if event.token == self.decoder.eos_id:
+                continue
+            yield sse(StreamToken(index=words, token=self.decoder.vocab[event.token],
+                                  probability=math.exp(event.logprob)))
+            words += 1
 
     @bentoml.api
     def spec(self) -> CaptionSpec:

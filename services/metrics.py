@@ -130,6 +130,45 @@ TRANSLATE_TOKENS_PER_SECOND = Histogram(
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 
+# Iteration-level decoding (services/decoding.py): one loop per generative model service steps every
+# active row together; requests join and leave between steps. ``reason`` is eos, max_length,
+# cancelled (the client went away), deadline or error.
+DECODER_ACTIVE_ROWS = Gauge(
+    "rnnserve_decoder_active_rows",
+    "Rows (beam hypotheses and greedy sequences) in the running decoder batch.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+DECODER_QUEUE_LENGTH = Gauge(
+    "rnnserve_decoder_queue_length",
+    "Items waiting for the decoder to admit them.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+DECODER_STEP_SECONDS = Histogram(
+    "rnnserve_decoder_step_seconds",
+    "Wall time of one decoder iteration (admission's encoder, the step, the bookkeeping).",
+    ["model"],
+    buckets=SECONDS_BUCKETS,
+)
+DECODER_TOKENS_PER_STEP = Histogram(
+    "rnnserve_decoder_tokens_per_step",
+    "Rows stepped together in one decoder iteration (one token each).",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+DECODER_TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
+    "rnnserve_decoder_time_to_first_token_seconds",
+    "From an item's arrival at the decoder to its first decoded token (queue wait + encoder + step).",
+    ["model"],
+    buckets=SECONDS_BUCKETS,
+)
+DECODER_RETIRED_ROWS_TOTAL = Counter(
+    "rnnserve_decoder_retired_rows_total",
+    "Rows that left the decoder, by reason (eos, max_length, cancelled, deadline, error).",
+    ["model", "reason"],
+)
+
 # Reliability (services/errors.py). ``reason`` is the error code of the refusal (body_too_large,
 # overloaded, timeout, invalid_json, unauthorized, model_unavailable, ...): a small fixed set.
 REJECTED_REQUESTS_TOTAL = Counter(

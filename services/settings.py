@@ -121,6 +121,11 @@ class CaptionSettings(RemoteModelSettings):
     decode_queue: int = Field(32, ge=0)
     max_beam_size: int = Field(8, ge=1)
     max_length: int = Field(64, ge=1)
+    # The decode scheduler (services/decoding.py): rows stepped together, items waiting (503 past
+    # it), and how long an item may wait and decode before its rows are dropped (503 timeout).
+    max_active_rows: int = Field(256, ge=1)
+    max_queue: int = Field(1024, ge=1)
+    deadline_s: float = Field(30.0, gt=0)
 
 
 class TranslateSettings(RemoteModelSettings):
@@ -131,6 +136,18 @@ class TranslateSettings(RemoteModelSettings):
     max_text_chars: int = Field(500, ge=1)
     max_length: int = Field(80, ge=1)
     max_beam_size: int = Field(8, ge=1)
+    # Subword tokens per source text; 0 takes the artifact's own max_input_tokens (what it was
+    # trained on). Characters alone do not bound the work: one emoji is four byte-level tokens.
+    max_source_tokens: int = Field(0, ge=0)
+    # Decoder work per request: the sum over its texts of source tokens x beam size.
+    max_request_work: int = Field(32768, ge=1)
+    # Attention cells return_attention may return per request: the sum over its texts of
+    # min(max_length, the artifact's cap) x source tokens, the worst case, checked before decoding.
+    max_attention_cells: int = Field(65536, ge=1)
+    # The decode scheduler, as for caption.
+    max_active_rows: int = Field(256, ge=1)
+    max_queue: int = Field(1024, ge=1)
+    deadline_s: float = Field(30.0, gt=0)
 
 
 class HttpSettings(Group):

@@ -1,13 +1,16 @@
-"""Translation model service (English -> Spanish): batched greedy/beam decoding and greedy streaming.
+"""Translation model service (English -> Spanish): iteration-level batched greedy and beam decoding.
 
-``translate`` is batchable: BentoML merges the items of concurrent requests into one list. Items keep
-their own options, so inside a batch they are grouped by ``(beam_size, max_length, length_penalty)``
-and each group is decoded as one padded batch (``encode -> collate -> decode -> split``); a mixed
-batch is answered exactly as if each item had come alone.
+Every text of every request, and every stream, is a sequence of one decode loop
+(``services/decoding.py``): at each step the loop admits waiting texts (their encoder runs batched),
+runs one ``decode_step`` of the artifact for every active row, and retires finished rows at once. A
+text decodes exactly as it would alone; a stream costs one row of a shared step per token, not a
+loop of its own. What is specific to translation lives here: the tokenizers, the limits that
+depend on them (source tokens, decoder work, attention cells: SECURITY.md), the byte-level delta
+rule of the stream, and the answer's shape.
 
-``stream`` is not batched: each stream runs its own greedy decode loop (one ``decode_step`` per token)
-in a worker thread, and yields a server-sent event as soon as a token completes a printable piece of
-text. Concurrent streams share the CPU but not a batch.
+``translate`` (the module function) is the static path: one padded batch per option group through
+the artifact's own ``greedy``/``beam_search``. It is the reference a scheduled text must equal
+(tests/unit/test_translate_decoding.py) and the in-process ceiling of load/bench.py.
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 
 import bentoml
 import torch
 from tokenizers import Tokenizer
 
+from models.rnn import pad_sequences
 from services.batching import collate, split
+from services.decoding import Beam, DecodeScheduler, Done, Greedy, Hypothesis, Sequence, Vocabulary
+from services.decoding import generate as generate_all
+from services.decoding import stream as stream_sequence
+from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import (
     INFERENCE_SECONDS,
@@ -32,12 +41,13 @@ from services.metrics import (
     TRANSLATE_OUTPUT_TOKENS,
     TRANSLATE_TOKENS_PER_SECOND,
 )
-from services.schemas.translate import MAX_LENGTH, MAX_TEXT_CHARS, TranslateItem, Translation
+from services.schemas.translate import MAX_LENGTH, TranslateItem, Translation
 from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 NAME = "translate"
-BOS_ID, EOS_ID = 2, 3  # models.translate's special ids; checked against the artifact at load
+BOS_ID, EOS_ID, PAD_ID = 2, 3, 0  # models.translate's special ids; checked against the artifact at load
+DEFAULT_MAX_SOURCE_TOKENS = 128  # for an artifact that does not record max_input_tokens
 
 
 class Codec:
@@ -68,6 +78,59 @@ class Codec:
         return [self.target.decode([i], skip_special_tokens=False) for i in ids]
 
 
+# -- limits that depend on the tokenizer (issue 13, findings 4 and 6) ------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds checked after tokenizing, before any decoding (SECURITY.md)."""
+
+    max_source_tokens: int
+    max_request_work: int
+    max_attention_cells: int
+
+    @classmethod
+    def from_settings(cls, metadata: dict) -> Limits:
+        trained = int(metadata.get("max_input_tokens", DEFAULT_MAX_SOURCE_TOKENS))
+        return cls(max_source_tokens=SETTINGS.translate.max_source_tokens or trained,
+                   max_request_work=SETTINGS.translate.max_request_work,
+                   max_attention_cells=SETTINGS.translate.max_attention_cells)
+
+
+def check_limits(items: list[TranslateItem], encoded: list[list[int]], limits: Limits,
+                 max_output_length: int) -> None:
+    """A 400 naming the limit and the field: source tokens per text (``texts[i]``), decoder work per
+    request (source tokens x beam size, summed), attention cells per request (``return_attention``)."""
+    work = cells = 0
+    for item, ids in zip(items, encoded, strict=True):
+        if len(ids) > limits.max_source_tokens:
+            raise ServiceError(
+                400, "validation_error",
+                f"{item.field}: the text has {len(ids):,} subword tokens; the limit is "
+                f"{limits.max_source_tokens:,} (RNNSERVE_TRANSLATE_MAX_SOURCE_TOKENS). Split it into "
+                "shorter texts; it is never truncated", item.field)
+        work += len(ids) * item.beam_size
+        if work > limits.max_request_work:
+            raise ServiceError(
+                400, "validation_error",
+                f"{item.field}: the request needs more than {limits.max_request_work:,} units of decoder "
+                f"work by this text ({work:,} = source tokens x beam_size summed over the texts; "
+                "RNNSERVE_TRANSLATE_MAX_REQUEST_WORK). Send fewer or shorter texts or a smaller beam_size",
+                item.field)
+        if item.return_attention:
+            cells += min(item.max_length, max_output_length) * len(ids)
+    if cells > limits.max_attention_cells:
+        raise ServiceError(
+            400, "validation_error",
+            f"return_attention could return {cells:,} attention cells (max_length x source tokens "
+            f"summed over the texts); the limit is {limits.max_attention_cells:,} "
+            "(RNNSERVE_TRANSLATE_MAX_ATTENTION_CELLS). Lower max_length, send fewer or shorter texts, "
+            "or leave return_attention off", "return_attention")
+
+
+# -- the static path: the reference and the in-process ceiling ---------------------------------------
+
+
 def group_by_options(items: list[TranslateItem]) -> dict[tuple[int, int, float], list[int]]:
     """Item indices per decoding setup; items in one group can share a padded batch."""
     groups: dict[tuple[int, int, float], list[int]] = {}
@@ -89,7 +152,7 @@ def decode_batch(model, tokens: torch.Tensor, lengths: torch.Tensor, beam_size: 
 
 
 def translate(model, codec: Codec, items: list[TranslateItem], device: str = "cpu") -> list[Translation]:
-    """The whole batched path: items in (each with its options), one translation per item out, in order."""
+    """Static batching: items in (each with its options), one translation per item out, in order."""
     if not items:
         return []
     encoded = codec.encode([item.text for item in items])
@@ -97,12 +160,8 @@ def translate(model, codec: Codec, items: list[TranslateItem], device: str = "cp
     for (beam_size, max_length, length_penalty), indices in group_by_options(items).items():
         want_attention = any(items[i].return_attention for i in indices)
         tokens, lengths, order = collate([encoded[i] for i in indices], NAME, device)
-        started = time.perf_counter()
         out, out_lengths, scores, steps, attention = decode_batch(
             model, tokens, lengths, beam_size, max_length, length_penalty, want_attention)
-        seconds = time.perf_counter() - started
-        INFERENCE_SECONDS.labels(NAME).observe(seconds)
-        decoder = "greedy" if beam_size == 1 else "beam"
         rows = []
         for row in range(len(indices)):
             item = items[indices[order[row]]]
@@ -118,69 +177,123 @@ def translate(model, codec: Codec, items: list[TranslateItem], device: str = "cp
                 result.output_pieces = codec.target_pieces(ids)
                 result.attention = attention[row, : len(ids), : len(source_ids)].tolist()
             rows.append(result)
-            TRANSLATE_OUTPUT_TOKENS.labels(NAME, decoder).observe(len(ids))
-            TRANSLATE_DECODE_STEPS.labels(NAME, decoder).observe(int(steps))
-            TRANSLATE_BEAM_SIZE.labels(NAME).observe(beam_size)
-        generated = int(out_lengths.sum())
-        TRANSLATE_GENERATED_TOKENS_TOTAL.labels(NAME, decoder).inc(generated)
-        TRANSLATE_TOKENS_PER_SECOND.labels(NAME, decoder).observe(generated / max(seconds, 1e-9))
         for index, result in zip(indices, split(rows, order), strict=True):
             results[index] = result
     return results  # type: ignore[return-value]
 
 
-@torch.inference_mode()
-def stream_tokens(model, codec: Codec, text: str, max_length: int, device: str = "cpu") -> Iterator[dict]:
-    """Greedy decoding one token at a time; yields ``{"delta": ...}`` events, then one ``done`` event.
+# -- the scheduled path ------------------------------------------------------------------------------
 
-    BentoML advances the generator with ``next`` in whichever worker thread is free, and inference
-    mode is thread-local: the decorator (unlike a ``with`` block around the loop) re-enters it on
-    every resumption, so a step never runs outside it.
 
-    The deltas concatenate to exactly the final ``translation``. Byte-level subwords can end inside a
-    multi-byte character (``ñ`` is two bytes), so a delta is sent only once the decoded prefix is
-    printable and extends what was already sent.
-    """
-    (source_ids,) = codec.encode([text])
-    INPUT_LENGTH_TOKENS.labels(NAME).observe(len(source_ids))
-    limit = min(max_length, int(model.max_output_length))
-    started = time.perf_counter()
-    ids: list[int] = []
-    sent = ""
-    score = 0.0
-    steps = 0
-    src = torch.tensor([source_ids], dtype=torch.long, device=device)
-    lengths = torch.tensor([len(source_ids)], dtype=torch.long, device=device)
-    memory, keys, mask, state = model.encode(src, lengths)
-    previous = torch.tensor([BOS_ID], dtype=torch.long, device=device)
-    while len(ids) < limit:
-        log_probs, state, _ = model.decode_step(previous, state, memory, keys, mask)
-        steps += 1
-        best_score, best = log_probs.max(dim=1)
-        token = int(best)
-        score += float(best_score)
-        if token == EOS_ID:
-            break
-        ids.append(token)
-        previous = best
-        prefix = codec.decode(ids)
-        if prefix.startswith(sent) and not prefix.endswith("\ufffd") and len(prefix) > len(sent):
-            yield {"delta": prefix[len(sent):], "token": token}
-            sent = prefix
-    seconds = time.perf_counter() - started
-    translation = codec.decode(ids)
-    if not translation.startswith(sent):  # cannot happen with byte-level BPE; never send wrong text
-        raise RuntimeError(f"streamed prefix {sent!r} is not a prefix of {translation!r}")
-    if len(translation) > len(sent):
-        yield {"delta": translation[len(sent):], "token": None}
-    TRANSLATE_OUTPUT_TOKENS.labels(NAME, "stream").observe(len(ids))
-    TRANSLATE_DECODE_STEPS.labels(NAME, "stream").observe(steps)
-    TRANSLATE_BEAM_SIZE.labels(NAME).observe(1)
-    TRANSLATE_GENERATED_TOKENS_TOTAL.labels(NAME, "stream").inc(len(ids))
-    TRANSLATE_TOKENS_PER_SECOND.labels(NAME, "stream").observe(len(ids) / max(seconds, 1e-9))
-    yield {"done": True, "translation": translation, "input_tokens": len(source_ids),
-           "output_tokens": len(ids), "decode_steps": steps, "beam_size": 1, "score": score,
-           "truncated": len(ids) >= limit}
+class TranslateDecoder:
+    """The artifact behind a decode scheduler: one loop per process steps every text and stream."""
+
+    def __init__(self, model: torch.jit.ScriptModule, codec: Codec, limits: Limits, *, max_rows: int,
+                 max_queue: int, deadline_s: float, device: str = "cpu", start: bool = True):
+        self.model, self.codec, self.limits, self.device = model, codec, limits, device
+        self.deadline_s = deadline_s
+        self.max_output_length = int(model.max_output_length)
+        self.vocab = Vocabulary(bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, eos_in_output=False)
+        self.scheduler = DecodeScheduler(NAME, self._encode, self._step, self.vocab, max_rows=max_rows,
+                                         max_queue=max_queue, device=device)
+        if start:
+            self.scheduler.start()
+
+    def _encode(self, inputs: list[list[int]]):
+        """Shape: ids of G texts -> memory, keys (G, S, .), mask (G, S), state (1, G, Hd), widths."""
+        tokens, lengths = pad_sequences(inputs, PAD_ID)  # (G, S), (G,)
+        memory, keys, mask, state = self.model.encode(tokens.to(self.device), lengths.to(self.device))
+        return (memory, keys, mask), state, lengths.tolist()
+
+    def _step(self, tokens: torch.Tensor, state: torch.Tensor, memory: tuple[torch.Tensor, ...]):
+        return self.model.decode_step(tokens, state, *memory)
+
+    def limit(self, max_length: int) -> int:
+        return max(1, min(max_length, self.max_output_length))
+
+    def prepare(self, items: list[TranslateItem]) -> list[list[int]]:
+        """Tokenizes and checks every limit: a 400 before anything is queued."""
+        encoded = self.codec.encode([item.text for item in items])
+        check_limits(items, encoded, self.limits, self.max_output_length)
+        for ids in encoded:
+            INPUT_LENGTH_TOKENS.labels(NAME).observe(len(ids))
+        return encoded
+
+    def sequence(self, item: TranslateItem, ids: list[int], now: float | None = None) -> Sequence:
+        limit = self.limit(item.max_length)
+        if item.beam_size == 1:
+            search = Greedy(self.vocab, limit, len(ids), item.return_attention)
+        else:
+            search = Beam(self.vocab, item.beam_size, limit, len(ids), item.length_penalty,
+                          item.return_attention)
+        deadline = (time.monotonic() if now is None else now) + self.deadline_s
+        return Sequence(ids, search, deadline)
+
+    def answer(self, item: TranslateItem, ids: list[int], hypothesis: Hypothesis) -> Translation:
+        output = hypothesis.tokens
+        result = Translation(
+            translation=self.codec.decode(output), input_tokens=len(ids), output_tokens=len(output),
+            decode_steps=hypothesis.steps, beam_size=item.beam_size, score=hypothesis.score,
+            truncated=len(output) >= self.limit(item.max_length))
+        if item.return_attention:
+            result.source_pieces = self.codec.source_pieces(ids)
+            result.output_pieces = self.codec.target_pieces(output)
+            result.attention = hypothesis.attention
+        decoder = "greedy" if item.beam_size == 1 else "beam"
+        TRANSLATE_OUTPUT_TOKENS.labels(NAME, decoder).observe(len(output))
+        TRANSLATE_DECODE_STEPS.labels(NAME, decoder).observe(hypothesis.steps)
+        TRANSLATE_BEAM_SIZE.labels(NAME).observe(item.beam_size)
+        TRANSLATE_GENERATED_TOKENS_TOTAL.labels(NAME, decoder).inc(len(output))
+        return result
+
+    async def translate(self, items: list[TranslateItem]) -> list[Translation]:
+        """Every item as its own sequence of the shared loop; answers in order."""
+        if not items:
+            return []
+        encoded = self.prepare(items)
+        sequences = [self.sequence(item, ids) for item, ids in zip(items, encoded, strict=True)]
+        started = time.perf_counter()
+        hypotheses = await generate_all(self.scheduler, sequences)
+        INFERENCE_SECONDS.labels(NAME).observe(time.perf_counter() - started)
+        return [self.answer(item, ids, hypothesis)
+                for item, ids, hypothesis in zip(items, encoded, hypotheses, strict=True)]
+
+    async def stream(self, text: str, max_length: int) -> AsyncIterator[dict]:
+        """Greedy decoding as events: ``{"delta": ...}`` as text completes, then one ``done`` event.
+
+        The deltas concatenate to exactly the final ``translation``, which equals the greedy answer
+        of ``translate``. Byte-level subwords can end inside a multi-byte character (``ñ`` is two
+        bytes), so a delta is sent only once the decoded prefix is printable and extends what was
+        already sent.
+        """
+        item = TranslateItem(text=text, beam_size=1, max_length=max_length)
+        (ids,) = self.prepare([item])
+        sequence = self.sequence(item, ids)
+        started = time.perf_counter()
+        output: list[int] = []
+        sent = ""
+        async for event in stream_sequence(self.scheduler, sequence):
+            if isinstance(event, Done):
+                hypothesis = event.hypothesis
+                break
+            if event.token == EOS_ID:
+                continue
+            output.append(event.token)
+            prefix = self.codec.decode(output)
+            if prefix.startswith(sent) and not prefix.endswith("\ufffd") and len(prefix) > len(sent):
+                yield {"delta": prefix[len(sent):], "token": event.token}
+                sent = prefix
+        seconds = time.perf_counter() - started
+        result = self.answer(item, ids, hypothesis)
+        translation = result.translation
+        if not translation.startswith(sent):  # cannot happen with byte-level BPE; never send wrong text
+            raise RuntimeError(f"streamed prefix {sent!r} is not a prefix of {translation!r}")
+        if len(translation) > len(sent):
+            yield {"delta": translation[len(sent):], "token": None}
+        TRANSLATE_TOKENS_PER_SECOND.labels(NAME, "stream").observe(result.output_tokens / max(seconds, 1e-9))
+        yield {"done": True, "translation": translation, "input_tokens": result.input_tokens,
+               "output_tokens": result.output_tokens, "decode_steps": result.decode_steps, "beam_size": 1,
+               "score": result.score, "truncated": result.truncated}
 
 
 def sse_frame(event: dict) -> str:
@@ -195,32 +308,30 @@ class Translate(ModelService):
     threads = SETTINGS.translate.threads
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
-        self.model, self.codec = model, Codec(metadata)
+        settings = SETTINGS.translate
+        self.decoder = TranslateDecoder(model, Codec(metadata), Limits.from_settings(metadata),
+                                     max_rows=settings.max_active_rows, max_queue=settings.max_queue,
+                                     deadline_s=settings.deadline_s, device=self.device)
         if int(metadata["max_output_length"]) < MAX_LENGTH:
             logger.warning("artifact caps output at %s tokens, below RNNSERVE_TRANSLATE_MAX_LENGTH=%s",
                            metadata["max_output_length"], MAX_LENGTH)
 
     def warm_up(self) -> None:
-        """Greedy and beam decodes at short and maximal input length, batch 1 and full."""
-        short, long = "Hello.", ("I think so. " * (MAX_TEXT_CHARS // 12))[:MAX_TEXT_CHARS].strip()
-        for text in (short, long):
-            for beam_size in (1, 4):
-                for batch_size in (1, SETTINGS.translate.max_batch_size):
-                    item = TranslateItem(text=text, beam_size=beam_size, max_length=8)
-                    translate(self.model, self.codec, [item] * batch_size, self.device)
-        for _ in stream_tokens(self.model, self.codec, short, 8, self.device):
-            pass
-
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SETTINGS.translate.max_batch_size,
-        max_latency_ms=SETTINGS.translate.max_latency_ms,
-    )
-    def translate(self, items: list[TranslateItem]) -> list[Translation]:
-        return translate(self.model, self.codec, items, self.device)
+        """Greedy and beam rows joining a running batch, at short and at the longest allowed source."""
+        decoder = self.decoder
+        longest = max(1, min(decoder.limits.max_source_tokens,
+                             decoder.limits.max_request_work // 4 // 4))
+        sources = [[5] * 3, [5] * longest]
+        sequences = [decoder.sequence(TranslateItem(text="warm-up", beam_size=beam, max_length=8), ids)
+                     for ids in sources for beam in (1, 4) for _ in range(4)]
+        decoder.scheduler.run(sequences)
 
     @bentoml.api
-    def stream(self, text: str, max_length: int = MAX_LENGTH) -> Generator[str, None, None]:
-        """Server-sent event frames of a greedy translation (see ``stream_tokens``)."""
-        for event in stream_tokens(self.model, self.codec, text, max_length, self.device):
+    async def translate(self, items: list[TranslateItem]) -> list[Translation]:
+        return await self.decoder.translate(items)
+
+    @bentoml.api
+    async def stream(self, text: str, max_length: int = MAX_LENGTH) -> AsyncGenerator[str, None]:
+        """Server-sent event frames of a greedy translation (see ``TranslateDecoder.stream``)."""
+        async for event in self.decoder.stream(text, max_length):
             yield sse_frame(event)

@@ -87,15 +87,19 @@ class TranslateRequest(TranslateOptions):
         return self
 
     def items(self) -> list[TranslateItem]:
-        texts = [self.text] if self.text is not None else list(self.texts or [])
         options = self.model_dump(exclude={"text", "texts"})
-        return [TranslateItem(text=text, **options) for text in texts]
+        if self.text is not None:
+            return [TranslateItem(text=self.text, field="text", **options)]
+        return [TranslateItem(text=text, field=f"texts[{index}]", **options)
+                for index, text in enumerate(self.texts or [])]
 
 
 class TranslateItem(TranslateOptions):
-    """One text with its own options: what the batched model service receives."""
+    """One text with its own options: what the model service's decode loop receives."""
 
     text: Text
+    field: str = Field(default="text", max_length=32, description=(
+        "Where the text was in the request (text or texts[i]): the field a limit error names."))
 
 
 class TranslateStreamRequest(BaseModel):

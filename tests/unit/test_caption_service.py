@@ -19,12 +19,14 @@ from models.images import ImageLimits
 from services.caption import (
     Decoder,
     caption_images,
+    caption_result,
+    caption_scheduler,
+    caption_sequence,
     encode_pixels,
     prepare_image,
     prepare_item,
     read_upload,
     sse,
-    stream_steps,
     to_batch,
 )
 from services.schemas.caption import (
@@ -96,14 +98,35 @@ def test_results_carry_words_probabilities_and_the_end(decoder):
         assert result.log_probability == pytest.approx(expected, abs=1e-4)
 
 
-def test_stream_steps_reproduce_greedy_decoding(decoder):
-    for seed in range(6):
-        request = item(seed, max_length=9)
-        [greedy] = caption_images(decoder, [request])
-        ids = [token for token, _ in stream_steps(decoder, request)]
-        words = [decoder.vocab[i] for i in ids if i != EOS_ID]
-        assert " ".join(words) == greedy.caption
-        assert (ids[-1] == EOS_ID) == greedy.complete
+def test_scheduled_captions_equal_each_image_alone_whatever_arrives_when(decoder):
+    # The decode loop (services/decoding.py) on the captioner: greedy and beam rows of mixed
+    # lengths join a running batch at random steps; each caption equals the static path's alone.
+    rng = np.random.default_rng(7)
+    for max_rows in (4, 64):
+        engine = caption_scheduler(decoder, max_rows=max_rows, max_queue=64)
+        items = [item(seed, int(rng.choice([1, 1, 2, 3])), int(rng.integers(1, 13))) for seed in range(10)]
+        sequences = [caption_sequence(decoder, engine, one, 60.0) for one in items]
+        events: dict[int, list] = {}
+        for index, sequence in enumerate(sequences):
+            sequence.stream = index % 2 == 0
+            sequence.notify = events.setdefault(index, []).append
+        arrivals = sorted(zip(rng.integers(0, 8, len(items)).tolist(), range(len(items)), strict=True))
+        step = 0
+        while arrivals or engine.busy:
+            while arrivals and arrivals[0][0] <= step:
+                engine.submit([sequences[arrivals.pop(0)[1]]])
+            engine.iterate()
+            assert engine.active_rows <= max(max_rows, 3)
+            step += 1
+        for index, request in enumerate(items):
+            *tokens, done = events[index]
+            got = caption_result(decoder, done.hypothesis.tokens, done.hypothesis.token_logprobs)
+            [alone] = caption_images(decoder, [request])
+            assert got.caption == alone.caption and got.complete == alone.complete
+            assert got.steps == alone.steps <= request.max_length
+            assert got.log_probability == pytest.approx(alone.log_probability, abs=1e-4)
+            if sequences[index].stream and request.beam_size == 1:  # a stream saw every token, <eos> too
+                assert [t.token for t in tokens] == done.hypothesis.tokens
 
 
 def test_to_batch_normalises_and_rejects_the_wrong_pixel_count(decoder):

@@ -3,6 +3,7 @@ schemas. The model is a tiny fixed-weight Translator, scripted like the served a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 
@@ -11,6 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from models.translate import EOS_ID, SPECIAL_TOKENS, TranslateConfig, Translator
+from services.errors import ServiceError
 from services.schemas.translate import (
     MAX_BEAM_SIZE,
     MAX_LENGTH,
@@ -21,7 +23,7 @@ from services.schemas.translate import (
     TranslateRequest,
     TranslateStreamRequest,
 )
-from services.translate import Codec, group_by_options, sse_frame, stream_tokens, translate
+from services.translate import Codec, Limits, TranslateDecoder, group_by_options, sse_frame, translate
 from training.export import script
 from training.train_translate import normalize, split_of, train_tokenizer
 
@@ -111,6 +113,23 @@ def test_group_by_options_ignores_length_penalty_for_greedy():
     assert sorted(group_by_options(items).values()) == [[0, 1], [2], [3]]
 
 
+@functools.cache
+def translator() -> TranslateDecoder:
+    """The tiny model behind a running decode loop (a daemon thread), as the service has it."""
+    return TranslateDecoder(scripted_model(), codec(), Limits(1000, 10**6, 10**6), max_rows=64, max_queue=64,
+                      deadline_s=60)
+
+
+def stream_tokens(model, tokens, text: str, max_length: int) -> list[dict]:
+    """Every event of one stream through the shared loop."""
+    assert model is scripted_model() and tokens is codec()
+
+    async def collect() -> list[dict]:
+        return [event async for event in translator().stream(text, max_length)]
+
+    return asyncio.run(collect())
+
+
 @pytest.mark.parametrize("max_length", [1, 4, MAX_LENGTH])
 @pytest.mark.parametrize("text", TEXTS)
 def test_stream_assembles_the_same_text_as_the_greedy_call(text, max_length):
@@ -126,23 +145,25 @@ def test_stream_assembles_the_same_text_as_the_greedy_call(text, max_length):
     assert done["score"] == pytest.approx(greedy.score, abs=1e-4)
 
 
-def test_stream_survives_being_advanced_from_a_new_thread_at_every_step():
-    # BentoML calls next() on a sync generator in whichever worker thread is free; inference mode is
-    # thread-local, so the stream must not rely on a mode entered in an earlier step's thread.
-    import threading
+def test_concurrent_streams_share_steps_and_each_equals_its_greedy_answer():
+    texts = TEXTS * 4
 
-    model, tokens = scripted_model(), codec()
-    text = max(TEXTS, key=len)
-    generator = stream_tokens(model, tokens, text, MAX_LENGTH)
-    events: list = []
-    while not events or "done" not in events[-1]:
-        box: list = []
-        worker = threading.Thread(target=lambda box=box: box.append(next(generator)))
-        worker.start()
-        worker.join()
-        assert box, "the step raised in its thread (see the thread's traceback above)"
-        events.append(box[0])
-    assert events == list(stream_tokens(model, tokens, text, MAX_LENGTH))
+    async def collect(text: str) -> list[dict]:
+        return [event async for event in translator().stream(text, MAX_LENGTH)]
+
+    async def all_streams() -> list[list[dict]]:
+        return await asyncio.gather(*(collect(text) for text in texts))
+
+    scheduler = translator().scheduler
+    steps_before = scheduler.steps
+    streams = asyncio.run(all_streams())
+    shared_steps = scheduler.steps - steps_before
+    for text, events in zip(texts, streams, strict=True):
+        alone = stream_tokens(scripted_model(), codec(), text, MAX_LENGTH)
+        assert events[:-1] == alone[:-1]  # the same deltas, token for token
+        assert events[-1] == {**alone[-1], "score": pytest.approx(alone[-1]["score"], abs=1e-4)}
+    # 16 streams of up to 20 tokens: far fewer steps than 16 separate loops would take.
+    assert shared_steps < sum(e[-1]["decode_steps"] for e in streams)
 
 
 def test_the_tiny_model_gives_empty_and_long_outputs_so_the_stream_tests_mean_something():
@@ -196,3 +217,65 @@ def test_stream_request_limits():
         TranslateStreamRequest.model_validate({"text": "hi", "max_length": MAX_LENGTH + 1})
     with pytest.raises(ValidationError, match="Extra inputs"):
         TranslateStreamRequest.model_validate({"text": "hi", "beam_size": 4})
+
+
+# Issue 13, findings 4 and 6: limits that depend on the tokenizer, checked before anything is queued.
+
+
+def limited(max_source_tokens: int = 1000, max_request_work: int = 10**6,
+            max_attention_cells: int = 10**6) -> TranslateDecoder:
+    return TranslateDecoder(scripted_model(), codec(), Limits(max_source_tokens, max_request_work,
+                                                              max_attention_cells),
+                            max_rows=8, max_queue=8, deadline_s=60, start=False)
+
+
+def test_items_name_their_field_for_limit_errors():
+    assert [i.field for i in TranslateRequest.model_validate({"texts": ["a", "b"]}).items()] == [
+        "texts[0]", "texts[1]"]
+    assert TranslateRequest.model_validate({"text": "a"}).items()[0].field == "text"
+
+
+def test_source_tokens_per_text_at_and_past_the_limit():
+    emoji = "😀" * 5  # 5 characters, 20 byte-level tokens: characters alone bound nothing
+    tokens = len(codec().encode([emoji])[0])
+    assert tokens >= 4 * 5
+    items = TranslateRequest.model_validate({"texts": ["Go.", emoji]}).items()
+    limited(max_source_tokens=tokens).prepare(items)  # at the edge: accepted
+    with pytest.raises(ServiceError) as refused:
+        limited(max_source_tokens=tokens - 1).prepare(items)
+    error = refused.value
+    assert error.status == 400 and error.field == "texts[1]"
+    assert f"has {tokens} subword tokens; the limit is {tokens - 1}" in error.message
+    assert "MAX_SOURCE_TOKENS" in error.message
+
+
+def test_decoder_work_per_request_at_and_past_the_limit():
+    texts = ["I love dogs.", "Where is the cake?", "Go."]
+    items = TranslateRequest.model_validate({"texts": texts, "beam_size": 4}).items()
+    work = sum(len(ids) * 4 for ids in codec().encode(texts))
+    limited(max_request_work=work).prepare(items)
+    with pytest.raises(ServiceError) as refused:
+        limited(max_request_work=work - 1).prepare(items)
+    error = refused.value
+    assert error.status == 400 and error.field == "texts[2]"  # the text that crossed the limit
+    assert f"more than {work - 1:,} units of decoder work" in error.message and "beam_size" in error.message
+
+
+def test_attention_cells_per_request_at_and_past_the_limit():
+    texts = ["I love dogs.", "Where is the cake?"]
+    body = {"texts": texts, "beam_size": 1, "max_length": 7, "return_attention": True}
+    items = TranslateRequest.model_validate(body).items()
+    cells = sum(7 * len(ids) for ids in codec().encode(texts))
+    limited(max_attention_cells=cells).prepare(items)
+    limited(max_attention_cells=1).prepare(TranslateRequest.model_validate(  # off: no attention bound
+        {**body, "return_attention": False}).items())
+    with pytest.raises(ServiceError) as refused:
+        limited(max_attention_cells=cells - 1).prepare(items)
+    error = refused.value
+    assert error.status == 400 and error.field == "return_attention"
+    assert f"could return {cells:,} attention cells" in error.message
+    assert f"the limit is {cells - 1:,}" in error.message
+
+
+def test_the_artifact_limit_is_the_default_source_token_limit():
+    assert Limits.from_settings({"max_input_tokens": 100}).max_source_tokens == 100
