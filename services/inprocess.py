@@ -61,18 +61,20 @@ class CallCost:
     over recent calls (older ones weigh less, so a change of load or machine is followed). Until calls
     of different sizes have been seen, all of the time counts per item."""
 
-    def __init__(self, decay: float = 0.98) -> None:
-        self.decay = decay
+    def __init__(self, decay: float = 0.98, min_calls: int = 20) -> None:
+        self.decay, self.min_calls, self.calls = decay, min_calls, 0
         self.n = self.s = self.ss = self.t = self.st = 0.0  # weighted sums: 1, size, size^2, time, size*time
 
     def add(self, items: int, seconds: float) -> None:
         d = self.decay
+        self.calls += 1
         self.n, self.s, self.ss = d * self.n + 1, d * self.s + items, d * self.ss + items * items
         self.t, self.st = d * self.t + seconds, d * self.st + items * seconds
 
     def coefficients(self) -> tuple[float, float]:
-        """(seconds per call, seconds per item), both >= 0; (0, 0) before any call."""
-        if self.s == 0:
+        """(seconds per call, seconds per item), both >= 0; (0, 0) until ``min_calls`` calls are
+        measured (the first calls of a worker are slow and would make it shed for nothing)."""
+        if self.calls < self.min_calls or self.s == 0:
             return 0.0, 0.0
         spread = self.n * self.ss - self.s * self.s
         if spread <= 1e-9 * self.n * self.ss:
@@ -150,6 +152,8 @@ class Batcher(Generic[Item, Result]):
         """Seconds until a request of ``items`` items would be answered, at the model's measured speed
         (0 before the first call has been measured)."""
         ahead = self._queued_items + self._running_items + items
+        if ahead <= self.max_batch_size:  # it fits the next call: shedding it would save nothing
+            return 0.0
         calls = -(-ahead // self.max_batch_size)
         return self.cost.seconds(calls, ahead)
 

@@ -98,7 +98,14 @@ PRODUCE: dict[str, tuple[int, Callable]] = {
     "unsupported_media_type": (415, lambda c, s: post(c, "/v1/sentiment", content=b"hello",
                                                       headers={"content-type": "text/plain"})),
     "unsupported_image_format": (415, lambda c, s: post(c, "/v1/caption", json=caption(gif()))),
+    "stale_bar": (409, lambda c, s: stale_step(c)),
 }
+
+
+def stale_step(client: httpx.Client) -> httpx.Response:
+    created = post(client, "/v1/forecast/sessions", json={"history": EXAMPLE_BARS[:30]}).json()
+    return post(client, "/v1/forecast/sessions/step",
+                json={"session_id": created["session_id"], "bar": EXAMPLE_BARS[3]})
 
 # Codes that need a server in a special state, and the test that produces each over HTTP.
 ELSEWHERE = {
@@ -119,6 +126,12 @@ ELSEWHERE = {
     "internal_error": "tests/unit/test_admission.py::"
                       "test_an_exception_escaping_the_app_is_a_shaped_500_without_its_text",
     "overloaded": "tests/unit/test_admission.py::test_requests_past_max_in_flight_get_503_with_retry_after",
+    "session_store_unavailable": "tests/integration/test_forecast_redis.py::"
+                                 "test_redis_down_is_a_503_on_session_routes_only",
+    "session_model_mismatch": "tests/unit/test_session_store.py::"
+                              "test_a_state_stored_by_another_model_version_is_refused",
+    "session_busy": "tests/unit/test_forecast_service.py::"
+                    "test_a_step_that_keeps_losing_the_compare_and_set_is_a_503_session_busy_and_changes_nothing",
     "timeout": "tests/unit/test_admission.py::test_requests_past_max_in_flight_get_503_with_retry_after",
 }
 

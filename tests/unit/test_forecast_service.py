@@ -498,3 +498,29 @@ def test_a_first_bar_without_a_forecast_date_is_refused_and_changes_nothing(mode
 def test_bar_dates_outside_the_documented_range_are_refused_by_the_schema(date):
     with pytest.raises(ValidationError, match="date"):
         Bar.model_validate({**EXAMPLE_BARS[-1], "date": date})
+
+
+class AlwaysLosesBackend(MemoryBackend):
+    """Every compare-and-set write loses, as if another worker stepped the session each time."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes = 0
+
+    def write(self, updates):
+        self.writes += len(updates)
+        return [False] * len(updates)
+
+
+def test_a_step_that_keeps_losing_the_compare_and_set_is_a_503_session_busy_and_changes_nothing(model, spec):
+    backend = AlwaysLosesBackend(10, 60.0, clock=Clock())
+    sessions = SessionStore(model, spec, backend, cell="lstm", model_name="unit_test", step_attempts=3)
+    session_id = sessions.create(BARS[:10]).session.session_id
+    before = snapshot(sessions, session_id)
+    [result] = sessions.step([StepItem(session_id=session_id, bar=BARS[10])])
+    assert result.error == "busy" and "it was not applied" in result.message
+    assert backend.writes == 3  # the bound on attempts holds
+    assert snapshot(sessions, session_id) == before
+    with pytest.raises(ServiceError) as raised:
+        session_answer(result)
+    assert (raised.value.status, raised.value.code) == (503, "session_busy")

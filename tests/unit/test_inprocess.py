@@ -155,14 +155,17 @@ def test_a_request_whose_caller_left_never_reaches_the_model():
 def test_the_call_cost_fit_recovers_per_call_and_per_item_seconds():
     from services.inprocess import CallCost
 
-    cost = CallCost()
+    cost = CallCost(min_calls=20)
     assert cost.seconds(1, 10) == 0.0  # nothing measured: never shed
+    cost.add(1, 5.0)  # one slow first call is not enough to shed on
+    assert cost.seconds(1, 10) == 0.0
+    cost = CallCost(min_calls=20)
     for items in [1, 8, 64, 3, 32, 64, 1, 16] * 5:
         cost.add(items, 0.002 + 0.0001 * items)
     per_call, per_item = cost.coefficients()
     assert per_call == pytest.approx(0.002, rel=1e-6) and per_item == pytest.approx(0.0001, rel=1e-6)
     assert cost.seconds(2, 128) == pytest.approx(2 * 0.002 + 128 * 0.0001, rel=1e-6)
-    one_size = CallCost()
+    one_size = CallCost(min_calls=1)
     one_size.add(64, 0.0064)
     assert one_size.coefficients() == (0.0, pytest.approx(0.0001))
 
@@ -176,6 +179,7 @@ def test_requests_are_shed_only_when_the_queue_ahead_cannot_be_served_in_time():
         return record(items)
 
     batcher = Batcher("test", slow, max_batch_size=4, max_latency_ms=100)
+    batcher.cost.min_calls = 1
     for _ in range(10):  # the measured speed: 10 ms per call of up to 4 items, whatever their number
         batcher.cost.add(4, 0.010)
         batcher.cost.add(1, 0.010)
