@@ -28,6 +28,7 @@ from bentoml.exceptions import BadInput
 from starlette.datastructures import UploadFile
 
 try:  # every private name this project uses, in one place
+    from _bentoml_impl.client.proxy2 import AsyncClient
     from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
     from _bentoml_impl.server.app import ServiceAppFactory
     from _bentoml_sdk.io_models import IOMixin
@@ -175,6 +176,31 @@ def install_endpoint_handler(refusal: Callable[[Any], Exception | None],
 
     ServiceAppFactory.api_endpoint_wrapper = api_endpoint_wrapper
     setattr(ServiceAppFactory, PATCHED, True)
+
+
+def close_abandoned_streams() -> None:
+    """Closes the connection to a model service when the entry stops reading its stream.
+
+    BentoML's client reads a dependency's stream (``AsyncClient._parse_stream_response``) without
+    ever closing the response: when the entry's client hangs up, the entry's generator is cancelled,
+    but its connection to the model service stays open, so that service never sees the disconnect and
+    decodes the stream to its end (issue 13, finding 3: 50 dropped streams cost 35 CPU-seconds). Here
+    the response is closed whenever the generator ends early; the model service then sees its
+    client go and retires the stream's rows at its next decoder step (services/decoding.py).
+    """
+    if getattr(AsyncClient, PATCHED, False):
+        return
+    REPLACED["AsyncClient._parse_stream_response"] = AsyncClient._parse_stream_response
+
+    async def _parse_stream_response(self, endpoint, resp):
+        try:
+            async for data in resp.content.iter_chunked(1024 * 8):
+                yield self._deserialize_output(Payload((data,), resp.headers), endpoint)
+        finally:
+            resp.close()  # a no-op for a stream read to its end; closes the connection otherwise
+
+    AsyncClient._parse_stream_response = _parse_stream_response
+    setattr(AsyncClient, PATCHED, True)
 
 
 UNKNOWN_ENDPOINT = "/unknown"  # the one ``endpoint`` label of every path no route answers
@@ -364,3 +390,4 @@ cache_response_media_types()
 cache_bound_api_functions()
 refuse_remote_inputs()
 share_unknown_endpoint_label()
+close_abandoned_streams()

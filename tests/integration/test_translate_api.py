@@ -206,10 +206,6 @@ def test_metrics_count_generated_tokens_and_beam_sizes(client):
 LONG = "no " * 21 + "no"  # 22 source tokens; the model repeats itself up to its 80-token cap
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 13 finding 3, open: the translate service cancels a stream whose connection closes "
-    "(tests/unit/test_decoding.py; 15 of 16 over HTTP on the service alone), but a client's hang-up "
-    "at the entry does not yet close the entry's connection to the translate service"))
 def test_streams_closed_after_the_first_event_free_their_rows(server, client):
     # Issue 13, finding 3: a client that hangs up stops its decoding at the next steps.
     import httpx

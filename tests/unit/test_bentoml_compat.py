@@ -55,6 +55,8 @@ CONTRACT = [
                                ("on_url", ["self", "url"]), ("on_header", ["self", "name", "value"]),
                                ("on_headers_complete", ["self"]), ("data_received", ["self", "data"]),
                                ("connection_lost", ["self", "exc"]), ("send_400_response", ["self", "msg"])]],
+    ("_bentoml_impl.client.proxy2", "AsyncClient._deserialize_output", ["self", "payload", "endpoint"],
+     "close_abandoned_streams decodes each chunk with it"),
     ("_bentoml_impl.server.app", "ServiceAppFactory.api_endpoint", ["self", "name", "request"],
      "install_endpoint_handler calls it for each request"),
     ("_bentoml_impl.server.app", "ServiceAppFactory._add_response_headers",
@@ -70,6 +72,7 @@ REPLACED = {
     "JSONSerde.parse_request": ["self", "request", "cls"],
     "ServiceAppFactory.api_endpoint_wrapper": ["self", "name", "request"],
     "RunnerTrafficMetricsMiddleware.__call__": ["self", "scope", "receive", "send"],
+    "AsyncClient._parse_stream_response": ["self", "endpoint", "resp"],
 }
 
 
