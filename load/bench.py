@@ -609,14 +609,14 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         all_ceilings = ceiling(paths, args.ceiling_seconds)
         ceilings = all_ceilings["model"]
-        max_batch = getattr(settings, name).max_batch_size
+        max_batch = getattr(getattr(settings, name), "max_batch_size", 64)
         full_batch_s = max_batch / all_ceilings["helpers"][max(b for b in BATCH_SIZES if b <= max_batch)]
         for path_name, values in all_ceilings.items():
             print(f"  ceiling, {path_name} (sequences/s): "
                   + ", ".join(f"batch {b}: {v:.0f}" for b, v in values.items()), flush=True)
         entry = {"info": info, "ceiling": ceilings, "ceiling_with_helpers": all_ceilings["helpers"],
                  "full_batch_ms": 1000 * full_batch_s, "max_batch_size": max_batch,
-                 "max_latency_ms": getattr(settings, name).max_latency_ms}
+                 "max_latency_ms": getattr(getattr(settings, name), "max_latency_ms", 0)}
         if name == "sentiment" and not args.skip_grouping:
             entry["grouping"] = grouping_study(args.ceiling_seconds)
             for mix in ("dev", "long_tail"):

@@ -38,15 +38,29 @@ def _is_group(annotation: Any) -> bool:
 
 
 class ModelSettings(Group):
-    """What every model service has: its model-store tag, its batcher and its processes."""
+    """What every model service has: its model-store tag and its processes."""
 
     model: str
+    workers: int = Field(1, ge=1, description="Processes of the model's own service.")
+    threads: int = Field(1, ge=1, description="Torch intra-op threads per process.")
+
+
+class BatcherSettings(Group):
+    """A model whose requests are merged into one call (sentiment, forecast windows and steps)."""
+
     max_batch_size: int = Field(64, ge=2, description="Items merged into one model call (BentoML's "
                                 "minimum is 2; its default of 100 is never used).")
     max_latency_ms: int = Field(1000, ge=1, description="How long a request may wait in the batcher; "
-                                "one it predicts it cannot serve in time is shed with 503.")
-    workers: int = Field(1, ge=1, description="Processes of the model's own service.")
-    threads: int = Field(1, ge=1, description="Torch intra-op threads per process.")
+                                "one it cannot serve in time is shed with 503.")
+
+
+class DecoderSettings(Group):
+    """A generative model's decode loop (services/decoding.py): rows stepped together, items waiting
+    (503 past it), and how long an item may wait and decode before its rows are dropped (503)."""
+
+    max_active_rows: int = Field(256, ge=1)
+    max_queue: int = Field(1024, ge=1)
+    deadline_s: float = Field(30.0, gt=0)
 
 
 class RemoteModelSettings(ModelSettings):
@@ -60,7 +74,7 @@ class RemoteModelSettings(ModelSettings):
                      description="Base URL of the model's own service, e.g. http://rnnserve-translate:3000.")
 
 
-class SentimentSettings(ModelSettings):
+class SentimentSettings(ModelSettings, BatcherSettings):
     prefix = "SENTIMENT_"
     model: str = "sentiment:latest"
     # The entry service runs sentiment in its own workers (services/inprocess.py) with api_threads;
@@ -74,7 +88,7 @@ class SentimentSettings(ModelSettings):
     group_call_tokens: int = Field(740, ge=1)
 
 
-class ForecastSettings(RemoteModelSettings):
+class ForecastSettings(RemoteModelSettings, BatcherSettings):
     prefix = "FORECAST_"
     model: str = "forecast:latest"
     workers: int = Field(1, ge=1, description="Processes of the sessions service; more than 1 only "
@@ -101,11 +115,9 @@ class ForecastSettings(RemoteModelSettings):
         return self
 
 
-class CaptionSettings(RemoteModelSettings):
+class CaptionSettings(RemoteModelSettings, DecoderSettings):
     prefix = "CAPTION_"
     model: str = "caption:latest"
-    max_batch_size: int = Field(32, ge=2)
-    max_latency_ms: int = Field(2000, ge=1)
     # Checked against the header before any pixel is decoded: a decompression bomb is refused.
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
     # The model reads 64x64 (its artifact's image_size); past 4096x3072 (a 12-megapixel photo) more
@@ -121,18 +133,11 @@ class CaptionSettings(RemoteModelSettings):
     decode_queue: int = Field(32, ge=0)
     max_beam_size: int = Field(8, ge=1)
     max_length: int = Field(64, ge=1)
-    # The decode scheduler (services/decoding.py): rows stepped together, items waiting (503 past
-    # it), and how long an item may wait and decode before its rows are dropped (503 timeout).
-    max_active_rows: int = Field(256, ge=1)
-    max_queue: int = Field(1024, ge=1)
-    deadline_s: float = Field(30.0, gt=0)
 
 
-class TranslateSettings(RemoteModelSettings):
+class TranslateSettings(RemoteModelSettings, DecoderSettings):
     prefix = "TRANSLATE_"
     model: str = "translate:latest"
-    max_batch_size: int = Field(32, ge=2)
-    max_latency_ms: int = Field(5000, ge=1)
     max_text_chars: int = Field(500, ge=1)
     max_length: int = Field(80, ge=1)
     max_beam_size: int = Field(8, ge=1)
@@ -144,10 +149,6 @@ class TranslateSettings(RemoteModelSettings):
     # Attention cells return_attention may return per request: the sum over its texts of
     # min(max_length, the artifact's cap) x source tokens, the worst case, checked before decoding.
     max_attention_cells: int = Field(65536, ge=1)
-    # The decode scheduler, as for caption.
-    max_active_rows: int = Field(256, ge=1)
-    max_queue: int = Field(1024, ge=1)
-    deadline_s: float = Field(30.0, gt=0)
 
 
 class HttpSettings(Group):
@@ -227,6 +228,11 @@ class Settings(Group):
         variable when a value is invalid."""
         environ = dict(os.environ if environ is None else environ)
         directory = Path(secrets_dir or environ.get(SECRETS_DIR_VARIABLE, DEFAULT_SECRETS_DIR))
+        known = set(cls.env_names().values()) | {SECRETS_DIR_VARIABLE}
+        unknown = sorted(name for name in environ if name.startswith(PREFIX) and name not in known)
+        if unknown:  # a misspelt or retired setting would otherwise be ignored without a word
+            raise ValueError(f"invalid settings: {', '.join(unknown)}: not a setting of this version "
+                             "(services/settings.py, SECURITY.md); remove or rename")
         values: dict[str, Any] = {}
         for path, env in cls.env_names().items():
             raw = environ.get(env)

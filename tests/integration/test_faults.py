@@ -37,7 +37,7 @@ def degraded(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
     damage_store(bentoml_home, home, DAMAGED, "tampered")
     # A long batcher deadline: on this shared machine the batcher would otherwise shed some of the
     # requests put in flight for the SIGTERM test, which is about shutdown, not capacity.
-    env = {"RNNSERVE_API_TOKEN": TOKEN, "RNNSERVE_TRANSLATE_MAX_LATENCY_MS": "20000"}
+    env = {"RNNSERVE_API_TOKEN": TOKEN, "RNNSERVE_TRANSLATE_DEADLINE_S": "60"}
     server = start_degraded(home, env=env)
     yield server
     server.stop()

@@ -1,6 +1,6 @@
 """Property-based API tests: schemathesis over every operation of the live service's own /docs.json.
 
-Each operation gets a bounded number of generated requests (RNNSERVE_ST_EXAMPLES, default 25), valid
+Each operation gets a bounded number of generated requests (SCHEMATHESIS_MAX_EXAMPLES, default 25), valid
 ones (positive) and schema-violating ones (negative), checked with ``not_a_server_error`` (no 5xx,
 ever) and ``response_schema_conformance`` (every answer, errors included, matches the document).
 Operations are read from the served document at run time, so new endpoints are covered without
@@ -22,7 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-MAX_EXAMPLES = int(os.environ.get("RNNSERVE_ST_EXAMPLES", "25"))
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
 CHECKS = [not_a_server_error, response_schema_conformance]
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 

@@ -357,8 +357,11 @@ def test_configmaps_hold_real_settings_and_every_batching_knob(overlay):
                                              "forecast.url", "caption.url", "translate.url")}
         else:
             readable = model_service_reads(block)
-            knobs = {f"{PREFIX}DEVICE"} | {f"{PREFIX}{block.upper()}_{knob}" for knob in
-                                           ("MAX_BATCH_SIZE", "MAX_LATENCY_MS", "WORKERS", "THREADS")}
+            # Its batcher (forecast) or decode loop (caption, translate), and its processes.
+            knobs = {f"{PREFIX}DEVICE"} | {env for path, env in Settings.env_names().items()
+                                           if path.split(".")[0] == block and path.split(".")[-1] in (
+                                               "max_batch_size", "max_latency_ms", "max_active_rows",
+                                               "max_queue", "workers", "threads")}
         unread = sorted(data.keys() - readable)
         assert not unread, f"{name}: set in deploy/ but never read by the process it configures: {unread}"
         missing = sorted(knobs - data.keys())

@@ -11,7 +11,8 @@ def test_settings_read_typed_values_into_their_block():
     assert settings.sentiment.max_batch_size == 32
     assert settings.http.timeout_s == 12
     assert settings.torch_device() == "cpu"
-    assert settings.translate.max_batch_size == 32  # the block's own default
+    assert settings.translate.max_active_rows == 256  # the block's own default
+    assert not hasattr(settings.translate, "max_batch_size")  # its decode loop has no batcher to size
 
 
 def test_every_setting_has_one_environment_variable():
@@ -42,7 +43,10 @@ def test_the_entry_does_not_read_the_processes_of_a_model_it_runs_itself():
          "RNNSERVE_SENTIMENT_MAX_LATENCY_MS: Input should be a valid integer"),
         ({"RNNSERVE_MAX_ITEMS": "0"}, "RNNSERVE_MAX_ITEMS: Input should be greater than or equal to 1"),
         # One rule for every model: BentoML needs max_batch_size >= 2 (caption was not checked before).
-        ({"RNNSERVE_CAPTION_MAX_BATCH_SIZE": "1"}, "RNNSERVE_CAPTION_MAX_BATCH_SIZE"),
+        ({"RNNSERVE_SENTIMENT_MAX_BATCH_SIZE": "1"}, "RNNSERVE_SENTIMENT_MAX_BATCH_SIZE"),
+        # A misspelt or retired variable is refused, not ignored (caption has no batcher to size).
+        ({"RNNSERVE_CAPTION_MAX_BATCH_SIZE": "32"}, "RNNSERVE_CAPTION_MAX_BATCH_SIZE: not a setting"),
+        ({"RNNSERVE_MAX_ITEM": "64"}, "RNNSERVE_MAX_ITEM: not a setting"),
         ({"RNNSERVE_FORECAST_WORKERS": "2"}, "RNNSERVE_FORECAST_WORKERS: Input should be less than or equal"),
     ],
 )
