@@ -36,8 +36,7 @@ from models.images import (
     to_pixels,
 )
 from services.decode_pool import BoundedPool
-from services.decoding import Beam, DecodeScheduler, Done, Greedy, Hypothesis, Vocabulary, generate, stream
-from services.decoding import Sequence as DecodeSequence
+from services.decoding import DecodeScheduler, generate, stream
 from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import (
@@ -62,6 +61,8 @@ from services.schemas.caption import (
     StreamToken,
 )
 from services.schemas.common import ModelInfo
+from services.search import Beam, Done, Greedy, Hypothesis, Vocabulary
+from services.search import Sequence as DecodeSequence
 from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from models.rnn import pad_sequences
 from services.batching import collate, split
-from services.decoding import Beam, DecodeScheduler, Done, Greedy, Hypothesis, Sequence, Vocabulary
+from services.decoding import DecodeScheduler
 from services.decoding import generate as generate_all
 from services.decoding import stream as stream_sequence
 from services.errors import ServiceError
@@ -42,6 +42,7 @@ from services.metrics import (
     TRANSLATE_TOKENS_PER_SECOND,
 )
 from services.schemas.translate import MAX_LENGTH, TranslateItem, Translation
+from services.search import Beam, Done, Greedy, Hypothesis, Sequence, Vocabulary
 from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)

@@ -17,19 +17,9 @@ from hypothesis import strategies as st
 
 from models.rnn import pad_sequences
 from models.translate import BOS_ID, EOS_ID, PAD_ID
-from services.decoding import (
-    Beam,
-    DecodeScheduler,
-    Done,
-    Failed,
-    Greedy,
-    Sequence,
-    Token,
-    Vocabulary,
-    generate,
-    stream,
-)
+from services.decoding import DecodeScheduler, generate, stream
 from services.errors import ServiceError
+from services.search import Beam, Done, Failed, Greedy, Sequence, Token, Vocabulary
 from tests.unit.test_translate_model import CAP, SOURCES, VARIANTS, tiny_model
 from training.export import script
 
