@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load bench train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench bento
+.PHONY: setup register serve test lint unit integration e2e load bench bench-locust train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench bento
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ load: register
 ## prints the tables and writes load/reports/bench.json (results: load/RESULTS.md). Takes ~10 min.
 bench: register
 	$(BIN)/python -m load.bench $(ARGS)
+
+## One Locust process (closed loop, wait 0) at 1/16/64/256 users on sentiment, then forecast windows:
+## req/s, p50/p99, failures by status, server CPU per request. Another server on 127.0.0.1:
+## ARGS="--url http://127.0.0.1:PORT[/path] --server-pid PID". Writes load/reports/locust_bench_*.json.
+bench-locust: register
+	$(BIN)/python -m load.locust_bench --endpoint sentiment $(ARGS)
+	$(BIN)/python -m load.locust_bench --endpoint forecast $(ARGS)
 
 train-sentiment: setup
 	$(BIN)/python -m training.train_sentiment
