@@ -43,6 +43,7 @@ from services.schemas.caption import (
 from services.schemas.common import ModelInfo
 from services.schemas.forecast import (
     Deleted,
+    ForecastMismatchError,
     ForecastRequest,
     ForecastResponse,
     ForecastSpec,
@@ -161,9 +162,9 @@ class Api:
         spec = windows.public_spec
         try:
             check_forecast(request, spec)
-        except ValueError as exc:
+        except ForecastMismatchError as exc:
             FORECAST_REQUESTS_TOTAL.labels("forecast", "invalid").inc()
-            raise ServiceError(400, "invalid_request", str(exc)) from exc
+            raise ServiceError(400, "invalid_request", str(exc), exc.field) from exc
         [result] = await self.forecast_batcher([request])
         FORECAST_REQUESTS_TOTAL.labels("forecast", "ok").inc()
         return window_response(request, result, spec, windows.model_info)

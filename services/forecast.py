@@ -149,14 +149,14 @@ def window_response(request: ForecastRequest, result: object, spec: ForecastSpec
     """The public answer to one windowed forecast, with the note when rows were ignored."""
     result = WindowResult.model_validate(result, from_attributes=True)
     if result.error is not None:
-        raise ServiceError(400, "invalid_request", result.error, "rows")
-    received = len(request.rows)
+        raise ServiceError(400, "invalid_request", result.error, request.bars_field)
+    received = request.bar_count()
     note = None
     if received > result.rows_used:
         note = (f"{received} rows were sent; this model reads only the last {result.rows_used} "
                 f"(a window of {spec.window} daily returns), so the oldest {received - result.rows_used} "
                 "were ignored")
-    last = request.rows[-1]
+    last = request.last_bars(1)[0]
     return ForecastResponse(model=model, last_date=last.date, last_close=last.close,
                             forecasts=result.forecasts, interval=spec.interval,
                             nominal_coverage=spec.nominal_coverage, rows_received=received,

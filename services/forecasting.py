@@ -98,11 +98,11 @@ def forecast_windows(model: torch.nn.Module, spec: ModelSpec, requests: Sequence
     batch, windows = [], []
     for i, request in enumerate(requests):
         horizon = request.horizon or spec.horizons
-        if len(request.rows) < rows_needed or horizon > spec.horizons:
+        if request.bar_count() < rows_needed or horizon > spec.horizons:
             results[i] = WindowResult(error=f"needs >= {rows_needed} rows and horizon <= {spec.horizons}")
             continue
         batch.append(i)
-        windows.append(row_features(request.rows[-rows_needed:]))
+        windows.append(row_features(request.last_bars(rows_needed)))
     if batch:
         x = torch.tensor(windows, dtype=torch.float32, device=device)  # (B, L, F)
         started = time.perf_counter()
@@ -113,7 +113,7 @@ def forecast_windows(model: torch.nn.Module, spec: ModelSpec, requests: Sequence
             horizon = request.horizon or spec.horizons
             try:
                 results[i] = WindowResult(rows_used=rows_needed, forecasts=to_forecasts(
-                    spec, request.rows[-1], quantiles[row, :horizon], request.quantiles))
+                    spec, request.last_bars(1)[0], quantiles[row, :horizon], request.quantiles))
             except ValueError as exc:  # non-finite output: a 400 for this item, not a 500 for all
                 results[i] = WindowResult(error=f"{exc}; check the rows for extreme values")
     return results  # type: ignore[return-value]

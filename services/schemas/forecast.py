@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Annotated
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.schemas.common import ModelInfo
@@ -73,15 +75,38 @@ def _check_dates(rows: list[Bar], what: str) -> None:
 Rows = list[Bar]
 
 
+COLUMNS = ("date", "open", "high", "low", "close", "volume")
+Date = Annotated[dt.date, Field(ge=MIN_DATE, le=MAX_DATE)]
+Price = Annotated[float, Field(ge=MIN_PRICE, le=MAX_PRICE, allow_inf_nan=False)]
+Volume = Annotated[float, Field(ge=0, le=MAX_VOLUME, allow_inf_nan=False)]
+
+
+def _column(what: str) -> object:
+    return Field(default=None, min_length=2, max_length=MAX_ROWS,
+                 description=f"Columnar form: the {what} of every bar, oldest first (as a pandas "
+                 "DataFrame's to_dict('list') gives them); all six columns, of one length, instead of rows.")
+
+
 class ForecastRequest(BaseModel):
-    """A window of daily bars (oldest first) and how far ahead to forecast."""
+    """A window of daily bars (oldest first) and how far ahead to forecast.
+
+    The bars come as ``rows`` (one object per bar) or as six columns (``date``, ``open``, ``high``,
+    ``low``, ``close``, ``volume``: lists of one length). Columns are checked as whole arrays, without
+    an object per bar; both forms obey the same rules and give the same forecast.
+    """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": FORECAST_EXAMPLE})
 
-    rows: Rows = Field(min_length=2, max_length=MAX_ROWS,
-                       description=f"Daily bars, oldest first, at most {MAX_ROWS}. The model reads the "
-                       "last window + 1 of them (see /v1/forecast/spec); extra older rows are ignored "
-                       "and the response says so.")
+    rows: Rows | None = Field(default=None, min_length=2, max_length=MAX_ROWS,
+                              description=f"Daily bars, oldest first, at most {MAX_ROWS}. The model reads "
+                              "the last window + 1 of them (see /v1/forecast/spec); extra older rows are "
+                              "ignored and the response says so.")
+    date: list[Date] | None = _column("trading days (YYYY-MM-DD)")
+    open: list[Price] | None = _column("opening prices")
+    high: list[Price] | None = _column("highest prices")
+    low: list[Price] | None = _column("lowest prices")
+    close: list[Price] | None = _column("closing prices")
+    volume: list[Volume] | None = _column("volumes")
     horizon: int | None = Field(default=None, ge=1, le=MAX_HORIZON,
                                 description="Forecast business days 1..horizon; at most the model's "
                                 "horizons (default: all of them).")
@@ -90,9 +115,50 @@ class ForecastRequest(BaseModel):
                                           "levels (default: all of them).")
 
     @model_validator(mode="after")
-    def _dates_increasing(self) -> ForecastRequest:
-        _check_dates(self.rows, "rows")
+    def _one_form_and_consistent(self) -> ForecastRequest:
+        given = [name for name in COLUMNS if getattr(self, name) is not None]
+        if self.rows is not None:
+            if given:
+                raise ValueError(f"send the bars as rows or as the six columns, not both (got rows and "
+                                 f"{', '.join(given)})")
+            _check_dates(self.rows, "rows")
+            return self
+        if len(given) != len(COLUMNS):
+            missing = [name for name in COLUMNS if name not in given]
+            raise ValueError("send the bars as rows, or as all six columns " + ", ".join(COLUMNS) +
+                             (f"; missing: {', '.join(missing)}" if given else ""))
+        lengths = {name: len(getattr(self, name)) for name in COLUMNS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError("the columns must have one length; got " +
+                             ", ".join(f"{name} {length}" for name, length in lengths.items()))
+        high, low = np.asarray(self.high), np.asarray(self.low)
+        if (below := np.flatnonzero(high < low)).size:
+            i = int(below[0])
+            raise ValueError(f"high[{i}] {self.high[i]} is below low[{i}] {self.low[i]}; high must be >= low")
+        days = np.asarray(self.date, dtype="datetime64[D]")
+        if (bad := np.flatnonzero(days[1:] <= days[:-1])).size:
+            i = int(bad[0]) + 1
+            kind = "duplicated" if days[i] == days[i - 1] else "out of order"
+            raise ValueError(f"date[{i}] {self.date[i]} is {kind} after {self.date[i - 1]}; dates must be "
+                             "strictly increasing, oldest first")
         return self
+
+    @property
+    def bars_field(self) -> str:
+        """The field that holds the bars: ``rows`` or ``date`` (the columnar form)."""
+        return "rows" if self.rows is not None else "date"
+
+    def bar_count(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.date or [])
+
+    def last_bars(self, count: int) -> list[Bar]:
+        """The last ``count`` bars (already validated: the columnar form builds only these)."""
+        if self.rows is not None:
+            return self.rows[-count:]
+        start = max(0, len(self.date) - count)
+        return [Bar.model_construct(date=self.date[i], open=self.open[i], high=self.high[i], low=self.low[i],
+                                    close=self.close[i], volume=self.volume[i])
+                for i in range(start, len(self.date))]
 
 
 class ForecastSpec(BaseModel):
@@ -108,17 +174,29 @@ class ForecastSpec(BaseModel):
     session_ttl_s: int
 
 
+class ForecastMismatchError(ValueError):
+    """A request that does not fit the loaded model, and the field that does not (for the 400)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def check_forecast(request: ForecastRequest, spec: ForecastSpec) -> None:
-    """Raises ``ValueError`` naming the limit when ``request`` does not fit the loaded model."""
-    if len(request.rows) < spec.rows_needed:
-        raise ValueError(f"rows has {len(request.rows)} bars; this model needs at least "
-                         f"{spec.rows_needed} (a window of {spec.window} daily returns)")
+    """Raises ``ForecastMismatchError`` naming the limit and the field when ``request`` does not fit
+    the loaded model."""
+    bars = request.bar_count()
+    if bars < spec.rows_needed:
+        raise ForecastMismatchError(f"{request.bars_field} has {bars} bars; this model needs at least "
+                                    f"{spec.rows_needed} (a window of {spec.window} daily returns)",
+                                    request.bars_field)
     if request.horizon is not None and request.horizon > spec.horizons:
-        raise ValueError(f"horizon {request.horizon} is out of range; this model forecasts 1 to "
-                         f"{spec.horizons} business days")
-    for level in request.quantiles or []:
+        raise ForecastMismatchError(f"horizon {request.horizon} is out of range; this model forecasts 1 "
+                                    f"to {spec.horizons} business days", "horizon")
+    for index, level in enumerate(request.quantiles or []):
         if level not in spec.quantiles:
-            raise ValueError(f"quantile {level} is not available; choose from {spec.quantiles}")
+            raise ForecastMismatchError(f"quantile {level} is not available; choose from "
+                                        f"{spec.quantiles}", f"quantiles[{index}]")
 
 
 class DayForecast(BaseModel):

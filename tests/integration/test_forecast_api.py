@@ -345,3 +345,16 @@ def test_session_limit_is_a_clear_429_and_idle_sessions_expire(limited):
     assert create(limited)["bars_seen"] == 0
     text = limited.get("/metrics").text
     assert re.search(r'rnnserve_forecast_session_expirations_total\{model="forecast"\} [1-9]', text)
+
+
+def test_the_columnar_form_answers_like_rows_over_http(client):
+    rows = EXAMPLE_BARS[-61:]
+    columns = {name: [row[name] for row in rows]
+               for name in ("date", "open", "high", "low", "close", "volume")}
+    by_rows = post_retrying_503(client, "/v1/forecast", {"rows": rows, "horizon": 5})
+    by_columns = post_retrying_503(client, "/v1/forecast", {**columns, "horizon": 5})
+    assert by_rows.status_code == by_columns.status_code == 200, by_columns.text
+    assert by_columns.json()["forecasts"] == by_rows.json()["forecasts"]
+    assert by_columns.json()["rows_received"] == 61
+    short = post_retrying_503(client, "/v1/forecast", {name: values[:5] for name, values in columns.items()})
+    assert short.status_code == 400 and short.json()["error"]["field"] == "date", short.text

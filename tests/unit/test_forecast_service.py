@@ -201,8 +201,10 @@ def test_model_limits_name_the_limit(spec):
         check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:5]), public)
     with pytest.raises(ValueError, match="horizon 4 is out of range; this model forecasts 1 to 3"):
         check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:20], horizon=4), public)
-    with pytest.raises(ValueError, match=r"quantile 0.25 is not available; choose from \[0.1, 0.5, 0.9\]"):
-        check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:20], quantiles=[0.25]), public)
+    unavailable = r"quantile 0.25 is not available; choose from \[0.1, 0.5, 0.9\]"
+    with pytest.raises(ValueError, match=unavailable) as raised:
+        check_forecast(ForecastRequest(rows=EXAMPLE_BARS[:20], quantiles=[0.5, 0.25]), public)
+    assert raised.value.field == "quantiles[1]"
     with pytest.raises(ValidationError, match="less than or equal to 64"):
         ForecastRequest(rows=EXAMPLE_BARS[:20], horizon=65)
     ForecastRequest.model_validate(FORECAST_EXAMPLE)
@@ -524,3 +526,46 @@ def test_a_step_that_keeps_losing_the_compare_and_set_is_a_503_session_busy_and_
     with pytest.raises(ServiceError) as raised:
         session_answer(result)
     assert (raised.value.status, raised.value.code) == (503, "session_busy")
+
+
+def columns_of(rows: list[dict]) -> dict:
+    """The columnar form of ``rows`` (what ``pandas.DataFrame(rows).to_dict("list")`` gives)."""
+    return {name: [row[name] for row in rows] for name in ("date", "open", "high", "low", "close", "volume")}
+
+
+def test_the_columnar_form_gives_the_same_forecast_as_rows(model, spec):
+    body = {"horizon": 3, "quantiles": [0.1, 0.5, 0.9]}
+    by_rows = ForecastRequest.model_validate({**body, "rows": EXAMPLE_BARS[-30:]})
+    by_columns = ForecastRequest.model_validate({**body, **columns_of(EXAMPLE_BARS[-30:])})
+    assert by_columns.bar_count() == by_rows.bar_count() == 30
+    assert by_columns.last_bars(WINDOW + 1) == by_rows.last_bars(WINDOW + 1)
+    rows_result, columns_result = forecast_windows(model, spec, [by_rows, by_columns])
+    assert rows_result.forecasts == columns_result.forecasts
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c.pop("volume"), "missing: volume"),
+    (lambda c: c["close"].pop(), "one length; got date 30, open 30, high 30, low 30, close 29"),
+    (lambda c: c["high"].__setitem__(7, 1.0), r"high\[7\] 1.0 is below low\[7\]"),
+    (lambda c: c["date"].__setitem__(9, c["date"][8]), r"date\[9\] .* is duplicated"),
+    (lambda c: c["date"].__setitem__(9, "2000-01-03"), r"date\[9\] 2000-01-03 is out of order"),
+    (lambda c: c["close"].__setitem__(4, float("nan")), "close.4"),
+    (lambda c: c["open"].__setitem__(4, 1e10), "close|open.4"),
+    (lambda c: c["date"].__setitem__(29, "9999-12-31"), "date.29"),
+    (lambda c: c.update(rows=EXAMPLE_BARS[-30:]), "rows or as the six columns, not both"),
+])
+def test_bad_columns_are_refused_naming_the_column_and_index(change, message):
+    columns = columns_of(EXAMPLE_BARS[-30:])
+    change(columns)
+    with pytest.raises(ValidationError, match=message):
+        ForecastRequest.model_validate(columns)
+
+
+def test_columns_hold_at_most_the_row_limit():
+    from services.schemas.forecast import MAX_ROWS
+
+    rows = [{**EXAMPLE_BARS[0], "date": (dt.date(1900, 1, 1) + dt.timedelta(days=i)).isoformat()}
+            for i in range(MAX_ROWS + 1)]
+    assert ForecastRequest.model_validate(columns_of(rows[:MAX_ROWS])).bar_count() == MAX_ROWS
+    with pytest.raises(ValidationError, match=f"at most {MAX_ROWS} items"):
+        ForecastRequest.model_validate(columns_of(rows))
