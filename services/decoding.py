@@ -13,7 +13,11 @@ One thread owns the model. Each iteration of ``DecodeScheduler.iterate``:
    its own length limit;
 5. **gather**: reorder the recurrent state by parent row (beams), drop the rows of finished
    sequences at once, and trim the padded encoder memory to the longest source still active, so the
-   memory never outgrows what its rows need.
+   memory never outgrows what its rows need. The waiting sequences that now fit are admitted in the
+   same gather: the memory is copied once per iteration, not once to drop rows and again to add them.
+
+Events reach the callers' event loops through one mailbox per loop (``_Mailbox``): one wake-up per
+burst of results and stream tokens, not one per event.
 
 The model is reached only through two callbacks, so the loop serves any recurrent decoder:
 ``encode(inputs) -> (memory, state, widths)`` and ``step(tokens, state, memory) -> (log_probs, state,
@@ -32,6 +36,7 @@ import collections
 import logging
 import threading
 import time
+import weakref
 from collections import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -79,12 +84,27 @@ def _active_width(sequences: list[Sequence], memory: Memory) -> int:
     return memory[0].shape[1] if 0 in widths or not memory else max(widths)
 
 
-def _pad_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pads dim 1 to ``width``. Shape: (R, W, ...) -> (R, width, ...)."""
-    extra = width - tensor.shape[1]
-    if extra <= 0:
-        return tensor
-    return torch.cat([tensor, tensor.new_zeros((tensor.shape[0], extra, *tensor.shape[2:]))], dim=1)
+def _assemble(old: torch.Tensor, keep: torch.Tensor | None, new: torch.Tensor | None,
+              width: int) -> torch.Tensor:
+    """Rows ``keep`` of ``old`` (all of them when None), then every row of ``new``, trimmed or zero-padded
+    on dim 1 to ``width``, written once into one new tensor (a retire and an admission in one copy,
+    not an ``index_select`` and then a ``cat``). Shape: (R, W, ...), (R',), (G, Wn, ...) -> (R'+G,
+    width, ...)."""
+    kept = old.shape[0] if keep is None else keep.shape[0]
+    added = 0 if new is None else new.shape[0]
+    out = old.new_empty((kept + added, width, *old.shape[2:]))
+    head, source = out[:kept], old[:, :width]
+    shared = source.shape[1]
+    if shared == width and keep is not None:
+        torch.index_select(source, 0, keep, out=head)  # head is contiguous: one copy, no temporary
+    else:
+        head[:, :shared].copy_(source if keep is None else source.index_select(0, keep))
+        head[:, shared:].zero_()
+    if new is not None:
+        tail, shared = out[kept:], min(new.shape[1], width)
+        tail[:, :shared].copy_(new[:, :shared])
+        tail[:, shared:].zero_()
+    return out
 
 
 class DecodeScheduler:
@@ -113,6 +133,7 @@ class DecodeScheduler:
         self._step_seconds = DECODER_STEP_SECONDS.labels(name)
         self._tokens_per_step = DECODER_TOKENS_PER_STEP.labels(name)
         self._first_token = DECODER_TIME_TO_FIRST_TOKEN_SECONDS.labels(name)
+        self._retired_rows = {reason: DECODER_RETIRED_ROWS_TOTAL.labels(name, reason) for reason in REASONS}
 
     # -- entry points ------------------------------------------------------------------------------
     def submit(self, sequences: abc.Sequence[Sequence]) -> None:
@@ -173,6 +194,7 @@ class DecodeScheduler:
     @torch.inference_mode()
     def iterate(self) -> int:
         """Retire, admit, step, advance, gather. Returns the rows stepped (0 when idle)."""
+        started = time.perf_counter()  # the iteration's wall time, admissions' encoder calls included
         now = self.clock()
         self._purge(now)
         self._admit()
@@ -180,7 +202,6 @@ class DecodeScheduler:
         if not batch.sequences:
             self._rows_gauge.set(0)
             return 0
-        started = time.perf_counter()
         log_probs, state, attention = self.step_fn(batch.previous, batch.state, batch.memory)
         best_scores, best = log_probs.max(dim=1)  # (R,): every greedy row's choice in one call
         best_ids, best_logprobs = best.tolist(), best_scores.tolist()
@@ -188,7 +209,7 @@ class DecodeScheduler:
         keep: list[int] = []
         next_tokens: list[int] = []
         kept: list[Sequence] = []
-        reordered = False
+        reordered = beams = False
         offset = 0
         now = self.clock()
         for sequence in batch.sequences:
@@ -207,6 +228,7 @@ class DecodeScheduler:
                                                attention[span] if attention is not None else None)
                 parents = [offset + p for p in local]
                 reordered = reordered or local != list(range(sequence.rows))
+                beams = True
             if sequence.first_token_at is None:
                 sequence.first_token_at = now
                 self._first_token.observe(now - sequence.submitted)
@@ -219,18 +241,18 @@ class DecodeScheduler:
             offset += sequence.rows
         self.steps += 1
         retired = len(kept) < len(batch.sequences)
-        batch.sequences = kept
-        if not kept:
-            self.batch = Batch()
+        if not retired and not reordered:  # every row goes on as it is: nothing to gather
+            batch.sequences, batch.state = kept, state
+            batch.previous = (torch.tensor(next_tokens, dtype=torch.long, device=self.device) if beams
+                              else best)
         else:
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            if reordered or retired:
-                state = state.index_select(1, index)
-            if retired:  # rows of one sequence share its memory: the parent index selects it too
-                width = _active_width(kept, batch.memory)
-                batch.memory = tuple(m[:, :width].index_select(0, index) for m in batch.memory)
-            batch.state = state
-            batch.previous = torch.tensor(next_tokens, dtype=torch.long, device=self.device)
+            previous = (torch.tensor(next_tokens, dtype=torch.long, device=self.device) if beams
+                        else best.index_select(0, index))
+            if retired:  # the rows that left make room: the waiting join in the same gather
+                self._regather(kept, index, state.index_select(1, index), previous)
+            else:  # beams reordered their rows; rows of one sequence share its memory
+                batch.state, batch.previous = state.index_select(1, index), previous
         self._step_seconds.observe(time.perf_counter() - started)
         self._tokens_per_step.observe(rows)
         self._rows_gauge.set(self.batch.rows)
@@ -266,7 +288,7 @@ class DecodeScheduler:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         width = _active_width(kept, batch.memory)
-        self.batch = Batch(kept, tuple(m[:, :width].index_select(0, index) for m in batch.memory),
+        self.batch = Batch(kept, tuple(_assemble(m, index, None, width) for m in batch.memory),
                            batch.state.index_select(1, index), batch.previous.index_select(0, index))
 
     def _drop(self, sequence: Sequence, now: float) -> None:
@@ -279,47 +301,89 @@ class DecodeScheduler:
                 f"(RNNSERVE_{self.name.upper()}_DEADLINE_S) and was stopped; retry when the service is "
                 "less busy.", "timeout")))
 
-    def _admit(self) -> None:
-        """FIFO: the head waits until its rows fit, so a beam is never overtaken by later greedy rows."""
+    def _take(self, rows: int) -> list[Sequence]:
+        """FIFO: the head waits until its rows fit, so a beam is never overtaken by later greedy rows.
+        Everything waiting that fits is taken at once (one encoder call for all of it)."""
         admitted: list[Sequence] = []
+        if not self.queue:  # unlocked peek: a sequence queued just after is taken at the next step
+            return admitted
         with self.lock:
-            rows = self.batch.rows
             while self.queue and (rows + self.queue[0].rows <= self.max_rows or rows == 0):
                 sequence = self.queue.popleft()
                 admitted.append(sequence)
                 rows += sequence.rows
             if admitted:
                 self._queue_gauge.set(len(self.queue))
-        if not admitted:
-            return
+        return admitted
+
+    def _encode(self, admitted: list[Sequence]) -> tuple[Memory, torch.Tensor, torch.Tensor] | None:
+        """Encodes the admitted sequences in one call: (memory, state, previous) with a beam of k as k
+        rows; None (each failed with a 500) when the encoder raised."""
         try:
             memory, state, _ = self.encode_fn([s.input for s in admitted])  # (G, W, ...), (S, G, H)
         except Exception:
             logger.exception("%s encoder failed for %d sequences", self.name, len(admitted))
             for sequence in admitted:
                 self._finish(sequence, "error", Failed(ServiceError.internal()))
-            return
+            return None
         if any(s.rows > 1 for s in admitted):  # a beam of k: k rows sharing one encoding
             index = torch.tensor([g for g, s in enumerate(admitted) for _ in range(s.rows)], dtype=torch.long,
                                  device=self.device)
             memory = tuple(m.index_select(0, index) for m in memory)
             state = state.index_select(1, index)
         previous = torch.full((state.shape[1],), self.vocab.bos_id, dtype=torch.long, device=self.device)
+        return tuple(memory), state, previous
+
+    def _admit(self) -> None:
+        """Joins what is waiting to the running batch (at the start of an iteration)."""
+        admitted = self._take(self.batch.rows)
+        if not admitted:
+            return
+        encoded = self._encode(admitted)
+        if encoded is None:
+            return
+        memory, state, previous = encoded
         batch = self.batch
         if not batch.sequences:
-            self.batch = Batch(admitted, tuple(memory), state, previous)
+            self.batch = Batch(admitted, memory, state, previous)
             return
         width = max(batch.memory[0].shape[1], memory[0].shape[1]) if memory else 0
-        batch.memory = tuple(torch.cat([_pad_width(old, width), _pad_width(new, width)], dim=0)
+        batch.memory = tuple(_assemble(old, None, new, width)
                              for old, new in zip(batch.memory, memory, strict=True))
         batch.state = torch.cat([batch.state, state], dim=1)
         batch.previous = torch.cat([batch.previous, previous])
         batch.sequences = batch.sequences + admitted
 
+    def _regather(self, kept: list[Sequence], index: torch.Tensor, state: torch.Tensor,
+                  previous: torch.Tensor) -> None:
+        """After rows retired: the memory rows ``index`` of the sequences that stay (``state`` and
+        ``previous`` already gathered) and, in the same copy, whatever waits and now fits. The memory
+        is trimmed to the longest source still active."""
+        batch = self.batch
+        admitted = self._take(int(index.shape[0]))
+        encoded = self._encode(admitted) if admitted else None
+        if not kept and encoded is None:
+            self.batch = Batch()
+            return
+        if encoded is None:
+            admitted, new_memory = [], (None,) * len(batch.memory)
+        else:
+            new_memory, new_state, new_previous = encoded
+            state = torch.cat([state, new_state], dim=1)
+            previous = torch.cat([previous, new_previous])
+        sequences = kept + admitted
+        width = _active_width(sequences, batch.memory)
+        if encoded is not None and new_memory:
+            width = max(width if kept else 0, new_memory[0].shape[1])
+        self.batch = Batch(sequences, tuple(_assemble(old, index, new, width)
+                                            for old, new in zip(batch.memory, new_memory, strict=True)),
+                           state, previous)
+
     def _finish(self, sequence: Sequence, reason: str, event: Done | Failed | None) -> None:
         sequence.outcome = reason
         self.retired[reason] += sequence.rows
-        DECODER_RETIRED_ROWS_TOTAL.labels(self.name, reason).inc(sequence.rows)
+        counter = self._retired_rows.get(reason) or DECODER_RETIRED_ROWS_TOTAL.labels(self.name, reason)
+        counter.inc(sequence.rows)
         if event is not None:
             try:
                 sequence.notify(event)
@@ -352,6 +416,45 @@ class DecodeScheduler:
         return [_unwrap(results[i]) for i in range(len(sequences))]
 
 
+class _Mailbox:
+    """Events from the decoder thread to one event loop, one wake-up per burst: every sequence that
+    finishes or streams a token in a step posts here, and the loop is woken (a write to its self-pipe)
+    only when nothing is already pending, instead of once per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[Callable[[Any], None], Any]] = []
+
+    def post(self, callback: Callable[[Any], None], event: Any) -> None:
+        with self.lock:
+            self.pending.append((callback, event))
+            if len(self.pending) > 1:  # a flush is already scheduled and will see this one
+                return
+        self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for callback, event in pending:
+            try:
+                callback(event)
+            except Exception:  # one waiter's failure must not lose the others' events
+                logger.exception("decoder event delivery failed")
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
+
+
 def _unwrap(event: Done | Failed) -> Hypothesis:
     if isinstance(event, Failed):
         raise event.error
@@ -362,16 +465,17 @@ async def generate(scheduler: DecodeScheduler, sequences: abc.Sequence[Sequence]
     """Submits every sequence and awaits all results; if the caller is cancelled (its client went
     away), the sequences are cancelled and leave the batch at the next step."""
     loop = asyncio.get_running_loop()
+    box = _mailbox(loop)
     futures = [loop.create_future() for _ in sequences]
 
-    def settle(future: asyncio.Future, event: Done | Failed) -> None:
-        if not future.done():
-            future.set_result(event)
-
     for sequence, future in zip(sequences, futures, strict=True):
-        def notify(event, future=future):
+        def settle(event: Done | Failed, future: asyncio.Future = future) -> None:
+            if not future.done():
+                future.set_result(event)
+
+        def notify(event, settle=settle):
             if isinstance(event, Done | Failed):
-                loop.call_soon_threadsafe(settle, future, event)
+                box.post(settle, event)
         sequence.notify = notify
     scheduler.submit(sequences)
     try:
@@ -387,7 +491,8 @@ async def stream(scheduler: DecodeScheduler, sequence: Sequence) -> AsyncIterato
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Token | Done | Failed] = asyncio.Queue()
     sequence.stream = True
-    sequence.notify = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    box = _mailbox(loop)
+    sequence.notify = lambda event: box.post(events.put_nowait, event)
     scheduler.submit([sequence])
     try:
         while True:

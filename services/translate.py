@@ -63,7 +63,10 @@ class Codec:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Source ids per text; never empty (any non-blank text has at least one byte)."""
-        encoded = [encoding.ids for encoding in self.source.encode_batch(texts)]
+        if len(texts) == 1:  # one text (most requests, every stream): no batch thread pool to wake
+            encoded = [self.source.encode(texts[0]).ids]
+        else:
+            encoded = [encoding.ids for encoding in self.source.encode_batch(texts)]
         for text, ids in zip(texts, encoded, strict=True):
             if not ids:
                 raise ValueError(f"text {text[:40]!r} produced no tokens; it must not be blank")

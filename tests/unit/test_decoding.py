@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from models.rnn import pad_sequences
 from models.translate import BOS_ID, EOS_ID, PAD_ID
+from services import decoding
 from services.decoding import DecodeScheduler, generate, stream
 from services.errors import ServiceError
 from services.search import Beam, Done, Failed, Greedy, Sequence, Token, Vocabulary
@@ -278,3 +280,62 @@ def test_async_helpers_cancel_on_the_way_out():
         assert results[1].tokens == alone(model, SOURCES[3], 2, CAP, 1.0, False)[0]
     finally:
         engine.stop()
+
+
+def test_a_waiting_sequence_joins_in_the_step_its_predecessor_leaves():
+    # Retiring rows and admitting the waiting ones share one gather of the memory (_regather).
+    model = scripted()
+    engine = scheduler(model, max_rows=1)
+    first, second = sequence(SOURCES[0], 1, 2), sequence(SOURCES[3])
+    events = {id(s): [] for s in (first, second)}
+    for s in (first, second):
+        s.notify = events[id(s)].append
+    engine.submit([first, second])
+    engine.iterate()
+    assert engine.active_rows == 1 and len(engine.queue) == 1
+    engine.iterate()  # the first stops at its limit of 2; the second takes its row at once
+    assert first.outcome == "max_length" and len(engine.queue) == 0 and engine.active_rows == 1
+    assert engine.batch.memory[0].shape[1] == len(SOURCES[3])
+    while engine.busy:
+        engine.iterate()
+    (done,) = events[id(second)]
+    assert done.hypothesis.tokens == alone(model, SOURCES[3], 1, CAP, 1.0, False)[0]
+
+
+def test_assemble_keeps_rows_and_appends_new_ones_zero_padded():
+    old = torch.arange(4 * 5 * 2, dtype=torch.float32).view(4, 5, 2)
+    new = torch.ones(2, 3, 2)
+    keep = torch.tensor([3, 1])
+    for width in (3, 5, 7):
+        got = decoding._assemble(old, keep, new, width)
+        want = torch.zeros(4, width, 2)
+        want[:2, : min(5, width)] = old[[3, 1], : min(5, width)]
+        want[2:, :3] = 1.0
+        assert torch.equal(got, want), width
+    assert torch.equal(decoding._assemble(old, None, None, 5), old)
+
+
+def test_events_reach_the_event_loop_in_order_with_one_wake_up_per_burst():
+    async def main() -> tuple[list, int]:
+        loop = asyncio.get_running_loop()
+        box = decoding._mailbox(loop)
+        wake_ups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args):
+            nonlocal wake_ups
+            wake_ups += 1
+            return original(*args)
+
+        loop.call_soon_threadsafe = counting
+        got: list = []
+        poster = threading.Thread(target=lambda: [box.post(got.append, i) for i in range(100)])
+        poster.start()
+        poster.join()  # the loop is blocked meanwhile: one burst of 100 events
+        await asyncio.sleep(0)
+        box.post(got.append, 100)  # after the flush: a new burst wakes the loop again
+        await asyncio.sleep(0)
+        return got, wake_ups
+
+    got, wake_ups = asyncio.run(main())
+    assert got == list(range(101)) and wake_ups == 2
