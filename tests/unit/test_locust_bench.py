@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from load.locust_bench import (
     Step,
@@ -70,6 +71,7 @@ def step(**overrides) -> Step:
 def test_step_figures():
     s = step()
     assert s.ok == 11_980
+    assert s.ok_rps == pytest.approx(800.0 * 11_980 / 12_000)  # a 503 is not served
     assert s.server_cpu_ms_per_request == pytest.approx(2.0)
     assert s.client_cpu_ms_per_request == pytest.approx(0.75)
     assert s.server_cores == pytest.approx(24.0 / 15.0)  # over Locust's span: 12,000 / 800 = 15 s
@@ -84,7 +86,7 @@ def test_table_rows_from_steps():
     header, rule, first, second = text.splitlines()
     assert header.count("|") == rule.count("|") == first.count("|") == second.count("|")
     assert first == "| 1 | 100 | 9 | 20 | 1500 | 0 | 2.00 | 0.20 | 1.00 | 1.0 | 25% |"
-    assert second == "| 64 | 800 | 70 | 210 | 12000 | 20 x 503 | unknown | unknown | 0.75 |  |  |"
+    assert second == "| 64 | 799 | 70 | 210 | 12000 | 20 x 503 | unknown | unknown | 0.75 |  |  |"
 
 
 def test_split_url_only_loopback_http():
@@ -115,3 +117,34 @@ def test_locust_command_is_headless_and_bounded(tmp_path):
     assert command[command.index("--users") + 1] == command[command.index("--spawn-rate") + 1] == "256"
     assert "--headless" in command and command[command.index("--host") + 1] == "http://127.0.0.1:3000"
     assert command[command.index("-f") + 1].endswith("load/locust_bench_users.py")
+
+
+def test_torchserve_handler_answers_as_the_project_does():
+    # load/torchserve/handler.py on the committed artifact: the same label and score as the
+    # project's classify, in request order, for bodies as TorchServe passes them (bytes or parsed).
+    from types import SimpleNamespace
+
+    from load.harness import sentences
+    from load.torchserve import handler
+    from models.artifact import load_artifact
+    from models.text import Vocab
+    from services.sentiment import classify, encode
+    from tests.conftest import ARTIFACTS
+
+    context = SimpleNamespace(system_properties={"model_dir": str(ARTIFACTS / "sentiment")})
+    texts = sentences()[:9]
+    rows = [{"body": {"text": t}} if i % 2 else {"body": f'{{"text": "{t}"}}'.encode()}
+            for i, t in enumerate(texts)] + [{"body": {"text": "   "}}]
+    threads = torch.get_num_threads()
+    try:
+        answers = handler.handle(rows, context)  # sets one intra-op thread, as TorchServe's worker runs
+    finally:
+        torch.set_num_threads(threads)
+    model, metadata = load_artifact(ARTIFACTS / "sentiment")
+    expected = classify(model, list(metadata["labels"]),
+                        encode(Vocab(metadata["vocab"]), texts, int(metadata["max_tokens"])))
+    assert len(answers) == len(rows)
+    for answer, result in zip(answers, expected, strict=False):
+        assert answer["label"] == result.label and answer["score"] == pytest.approx(result.score, abs=1e-6)
+    assert "error" in answers[-1]
+    assert handler.handle(None, context) is None
