@@ -26,17 +26,15 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.bentoml_compat import STATIC_PREFIXES, SYSTEM_PATHS
 from services.body_checks import JSON_BODY, FormSpec, check_multipart, parse_json
 from services.errors import ServiceError, log_error, send_error, to_service_error
 from services.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 
-# BentoML's own routes of the entry (BentoML 1.4: base_app.get_system_routes, ServiceAppFactory).
-SYSTEM_ROUTES = {"/livez": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/readyz": ("GET", "HEAD"),
-                 "/metrics": ("GET", "HEAD"), "/docs.json": ("GET", "HEAD"), "/schema.json": ("GET", "HEAD"),
-                 "/": ("GET", "HEAD")}
-STATIC_PREFIXES = ("/static_content/", "/assets/")
+# BentoML's own routes of the entry, all read-only (the one list: services/bentoml_compat.py).
+SYSTEM_ROUTES = {path: ("GET", "HEAD") for path in SYSTEM_PATHS}
 
 
 def is_api_request(scope: Scope, prefix: str) -> bool:

@@ -204,6 +204,8 @@ def close_abandoned_streams() -> None:
 
 
 UNKNOWN_ENDPOINT = "/unknown"  # the one ``endpoint`` label of every path no route answers
+# BentoML 1.4.40's own routes of a service (base_app.get_system_routes, ServiceAppFactory): the
+# entry's admission (services/admission.py Routes) and the metrics label share this one list.
 SYSTEM_PATHS = frozenset({"/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json"})
 STATIC_PREFIXES = ("/static_content/", "/assets/")
 

@@ -35,8 +35,9 @@ from models.images import (
     decode_image,
     to_pixels,
 )
+from services.decode_events import generate, stream
 from services.decode_pool import BoundedPool
-from services.decoding import DecodeScheduler, generate, stream
+from services.decoding import DecodeScheduler
 from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import (

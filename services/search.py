@@ -192,3 +192,10 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def result_of(event: Done | Failed) -> Hypothesis:
+    """The hypothesis of a finished sequence; raises the error of a failed one."""
+    if isinstance(event, Failed):
+        raise event.error
+    return event.hypothesis

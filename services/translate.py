@@ -27,9 +27,9 @@ from tokenizers import Tokenizer
 
 from models.rnn import pad_sequences
 from services.batching import collate, split
+from services.decode_events import generate as generate_all
+from services.decode_events import stream as stream_sequence
 from services.decoding import DecodeScheduler
-from services.decoding import generate as generate_all
-from services.decoding import stream as stream_sequence
 from services.errors import ServiceError
 from services.lifecycle import ModelService, model_service_config
 from services.metrics import (

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from models.rnn import pad_sequences
 from models.translate import BOS_ID, EOS_ID, PAD_ID
-from services import decoding
-from services.decoding import DecodeScheduler, generate, stream
+from services import decode_events, decoding
+from services.decode_events import generate, stream
+from services.decoding import DecodeScheduler
 from services.errors import ServiceError
 from services.search import Beam, Done, Failed, Greedy, Sequence, Token, Vocabulary
 from tests.unit.test_translate_model import CAP, SOURCES, VARIANTS, tiny_model
@@ -318,7 +319,7 @@ def test_assemble_keeps_rows_and_appends_new_ones_zero_padded():
 def test_events_reach_the_event_loop_in_order_with_one_wake_up_per_burst():
     async def main() -> tuple[list, int]:
         loop = asyncio.get_running_loop()
-        box = decoding._mailbox(loop)
+        box = decode_events._mailbox(loop)
         wake_ups = 0
         original = loop.call_soon_threadsafe
 
