@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load bench bench-locust train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench bento
+.PHONY: setup register serve test lint unit integration e2e load bench bench-locust bench-decoding train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench bento
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench: register
 bench-locust: register
 	$(BIN)/python -m load.locust_bench --endpoint sentiment $(ARGS)
 	$(BIN)/python -m load.locust_bench --endpoint forecast $(ARGS)
+
+## Translate and caption before and after iteration-level decoding (issue 16), one run: static ceilings,
+## greedy and beam 4 at 1/16/64/256 clients, 64 and 256 streams. ARGS="--before DIR" (a checkout of the
+## earlier code: git archive eda1527 | tar -x -C DIR) [--seconds 8]. ~9 min; load/reports/bench_decoding.*
+bench-decoding: register
+	$(BIN)/python -m load.bench_decoding $(ARGS)
 
 train-sentiment: setup
 	$(BIN)/python -m training.train_sentiment
