@@ -28,7 +28,7 @@ from services.fast_routes import FastRoutes
 from services.forecast import Forecast, session_answer, window_response
 from services.forecasting import WindowModel
 from services.inprocess import Batcher, InProcessModel
-from services.lifecycle import Readyz
+from services.lifecycle import Readyz, settle_heap
 from services.metrics import FORECAST_REQUESTS_TOTAL
 from services.observability import RequestId
 from services.openapi import Docs
@@ -114,6 +114,7 @@ class Api:
         # The hot routes skip BentoML's per-request machinery (services/fast_routes.py).
         fast_routes.register("/v1/sentiment", SentimentRequest, self.classify_sentiment)
         fast_routes.register("/v1/forecast", ForecastRequest, self.forecast_prices)
+        settle_heap()
 
     async def __is_ready__(self) -> bool:
         """Ready when what this process tree serves is: the models in this worker and the model
@@ -148,7 +149,7 @@ class Api:
         """Classifies one text or a list of texts as negative or positive."""
         model = self.sentiment.get()
         texts = request.items()
-        encoded = model.encode(texts, [request.item_field(i) for i in range(len(texts))])
+        encoded = model.encode(texts, request.item_field)
         results = await self.sentiment_batcher(encoded)
         return SentimentResponse(model=model.model_info, results=results)
 

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -41,8 +43,18 @@ def accepted_id(value: bytes | None, max_chars: int) -> str | None:
     return text if ID_CHARACTERS.fullmatch(text) else None
 
 
+_ID_PREFIX: tuple[int, str] = (0, "")  # (pid, 16 random hex digits), drawn again in a new process
+_ID_COUNTER = itertools.count()
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, unique per request: a random prefix per process and a counter. ``uuid4`` cost an
+    ``os.urandom`` system call per request, 1.7% of an entry worker's CPU under load (load/breakdown.py)."""
+    global _ID_PREFIX
+    pid = os.getpid()
+    if _ID_PREFIX[0] != pid:
+        _ID_PREFIX = (pid, uuid.uuid4().hex[:16])
+    return f"{_ID_PREFIX[1]}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class RequestId:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import bentoml
 import torch
@@ -31,12 +32,15 @@ WARMUP_LENGTHS = (1, 4, 16, 64)  # and the artifact's max_tokens
 
 
 def encode(vocab: Vocab, texts: list[str], max_tokens: int,
-           fields: list[str] | None = None) -> list[list[int]]:
+           field_of: Callable[[int], str] | None = None) -> list[list[int]]:
     """Token ids per text, each checked once against the model's limit: a text with no token or
-    more than ``max_tokens`` is a 400 naming its field (``fields[i]``, else ``texts[i]``)."""
+    more than ``max_tokens`` is a 400 naming its field (``field_of(i)``, else ``texts[i]``; only
+    built for an error)."""
     encoded = [vocab.encode(text) for text in texts]
     for index, ids in enumerate(encoded):
-        field = fields[index] if fields is not None else f"texts[{index}]"
+        if ids and len(ids) <= max_tokens:
+            continue
+        field = field_of(index) if field_of is not None else f"texts[{index}]"
         if not ids:
             raise ServiceError(400, "validation_error", f"{field}: the text holds no word or punctuation "
                                "token", field)
@@ -120,8 +124,8 @@ class SentimentModel:
             for batch_size in (1, SETTINGS.sentiment.max_batch_size):
                 self.classify([[2] * length] * batch_size)
 
-    def encode(self, texts: list[str], fields: list[str] | None = None) -> list[list[int]]:
-        return encode(self.vocab, texts, self.max_tokens, fields)
+    def encode(self, texts: list[str], field_of: Callable[[int], str] | None = None) -> list[list[int]]:
+        return encode(self.vocab, texts, self.max_tokens, field_of)
 
     def classify(self, encoded: list[list[int]]) -> list[SentimentResult]:
         return classify(self.model, self.labels, encoded, self.device, self.grouping)

@@ -79,3 +79,26 @@ def test_patch_openapi_documents_the_error_shape_and_statuses():
     assert "5,000 bytes" in out["paths"]["/v1/caption"]["post"]["responses"]["413"]["description"]
     assert "401" not in out["paths"]["/v1/caption"]["post"]["responses"]
     assert out["paths"]["/readyz"] == spec["paths"]["/readyz"]
+
+
+def test_settle_heap_freezes_the_start_up_and_spaces_young_collections_unless_default(monkeypatch):
+    import gc
+
+    from services import lifecycle
+    from services.settings import Settings
+
+    gc.unfreeze()  # a service built by another test settled this process's heap already
+    before = gc.get_threshold()
+    try:
+        monkeypatch.setattr(lifecycle, "SETTINGS", Settings.from_env({"RNNSERVE_GC": "default"}))
+        lifecycle.settle_heap()
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+        monkeypatch.setattr(lifecycle, "SETTINGS", Settings.from_env({"RNNSERVE_GC_GEN0_THRESHOLD": "20000"}))
+        survivor = [object()]  # alive at start-up: frozen
+        lifecycle.settle_heap()
+        assert gc.get_freeze_count() > 0 and gc.is_tracked(survivor)
+        assert gc.get_threshold() == (20000, before[1], before[2])
+        assert all(item is not survivor for item in gc.get_objects())  # no collection scans it again
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

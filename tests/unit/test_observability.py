@@ -155,3 +155,18 @@ def test_a_model_whose_device_is_unusable_is_kept_out_not_crashed(monkeypatch):
     with pytest.raises(ServiceError) as refused:
         model.get()
     assert refused.value.status == 503
+
+
+def test_generated_ids_are_unique_within_a_process_and_across_processes():
+    import subprocess
+    import sys
+
+    from services.observability import new_id
+
+    here = [new_id() for _ in range(10_000)]
+    assert len(set(here)) == len(here) and all(len(i) == 32 and int(i, 16) >= 0 for i in here)
+    code = "from services.observability import new_id; print(new_id())"
+    others = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+              .stdout.strip() for _ in range(3)}
+    assert len(others) == 3 and not others & set(here)
+    assert len({i[:16] for i in others} | {here[0][:16]}) == 4  # a random prefix per process

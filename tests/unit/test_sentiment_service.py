@@ -82,5 +82,5 @@ def test_tokens_are_counted_once_against_the_models_limit_and_the_400_names_the_
     assert (error.status, error.field) == (400, "texts[1]")
     assert "6 tokens; the limit is 5" in error.message
     with pytest.raises(ServiceError, match="no word or punctuation token") as raised:
-        encode(vocab, [""], max_tokens=5, fields=["text"])
+        encode(vocab, [""], max_tokens=5, field_of=lambda _: "text")
     assert raised.value.field == "text"
