@@ -21,6 +21,12 @@ same command measures this project's server and a peer (TorchServe) on the same 
   request; the Locust process's own CPU (client, including its start-up: about a second) is read
   from its rusage. Where the server serves this
   project's ``/metrics``, requests per model call and the model's busy share come from it too.
+- ``--profile-users N``: after the table's steps, one more step of N users with py-spy recording the
+  server's process tree (``load/breakdown.py``), whose server CPU per request is split by stage of the
+  request path (HTTP, middleware, validation, tokenization, batching, model, serialization, metrics,
+  logging). It is a step of its own so that the profiler's cost never touches the table's figures.
+  ``--root DIR`` serves another checkout of the code (``git archive <commit> | tar -x -C DIR``), for a
+  before/after pair in one sitting.
 - Before the server starts, the model's in-process ceiling (``load/bench.py``'s model path, batch 64,
   one thread; ``--ceiling-seconds 0`` skips it) is measured, so each run states its own ceiling.
 
@@ -39,10 +45,12 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from load import breakdown
 from services.local_server import ROOT, Server
 
 REPORTS = ROOT / "load" / "reports"
@@ -100,6 +108,7 @@ class Step:
     requests_per_call: float | None = None  # this project's /metrics only
     model_busy: float | None = None
     cpu_by_process: dict[str, float] = field(default_factory=dict)
+    stage_samples: dict[str, int] = field(default_factory=dict)  # --profile-users: py-spy samples by stage
 
     @property
     def ok(self) -> int:
@@ -201,8 +210,9 @@ def locust_command(host: str, users: int, seconds: float, prefix: Path) -> list[
 
 
 def run_step(host: str, path: str, endpoint: str, users: int, seconds: float, out: Path,
-             server_pid: int | None) -> Step:
-    """One Locust run of ``users`` users for ``seconds``; raises when Locust fails or writes no stats."""
+             server_pid: int | None, profile: bool = False) -> Step:
+    """One Locust run of ``users`` users for ``seconds``; raises when Locust fails or writes no stats.
+    With ``profile``, py-spy records the server's tree from 2 s in until 2 s before the end."""
     from load.bench import model_counters, scrape
 
     prefix = out / f"locust_bench_{endpoint}_{users}"
@@ -214,9 +224,26 @@ def run_step(host: str, path: str, endpoint: str, users: int, seconds: float, ou
     cpu_before = tree_cpu_seconds(server_pid) if server_pid else None
     client_before = children_cpu_seconds()
     started = time.monotonic()
-    done = subprocess.run(locust_command(host, users, seconds, prefix), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=seconds + LOCUST_GRACE_S)
+    locust = subprocess.Popen(locust_command(host, users, seconds, prefix), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    profile_path = out / f"profile_{endpoint}_{users}.txt"
+    profiler = None
+    if profile and server_pid:
+        time.sleep(2.0)
+        profiler = breakdown.record(server_pid, max(1.0, seconds - 4.0), profile_path)
+    try:
+        _, stderr = locust.communicate(timeout=seconds + LOCUST_GRACE_S)
+    except subprocess.TimeoutExpired:
+        locust.kill()
+        _, stderr = locust.communicate()
+    done = subprocess.CompletedProcess(locust.args, locust.returncode, "", stderr)
     elapsed = time.monotonic() - started
+    stage_samples: dict[str, int] = {}
+    if profiler is not None:
+        _, profiler_err = profiler.communicate(timeout=60)
+        if profiler.returncode != 0 or not profile_path.is_file():
+            raise RuntimeError(f"py-spy exited {profiler.returncode}: {profiler_err[-2000:]}")
+        stage_samples = dict(breakdown.parse(profile_path.read_text()))
     client_cpu = children_cpu_seconds() - client_before
     cpu_after = tree_cpu_seconds(server_pid) if server_pid else None
     if done.returncode != 0 or not Path(f"{prefix}_stats.csv").is_file():
@@ -229,7 +256,8 @@ def run_step(host: str, path: str, endpoint: str, users: int, seconds: float, ou
                 p50_ms=stats["p50_ms"], p99_ms=stats["p99_ms"], seconds=round(elapsed, 2),
                 server_cpu_s=sum(by_process.values()) if cpu_before is not None else None,
                 client_cpu_s=client_cpu, load_average=load_average,
-                cpu_by_process={k: round(v, 2) for k, v in by_process.items() if v >= 0.01})
+                cpu_by_process={k: round(v, 2) for k, v in by_process.items() if v >= 0.01},
+                stage_samples=stage_samples)
     model = model_counters(metrics_before, scrape(host)) if metrics_before else None
     if model and model["batch_calls"]:
         step.requests_per_call = model["batched_requests"] / model["batch_calls"]
@@ -292,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="0: no in-process ceiling")
     parser.add_argument("--label", default="", help="the server's name in the report")
     parser.add_argument("--out", type=Path, default=REPORTS)
+    parser.add_argument("--profile-users", type=int, nargs="*", default=[],
+                        help="one more step per user count, profiled: server CPU per request by stage")
+    parser.add_argument("--root", type=Path, default=ROOT, help="serve this checkout of the code instead")
     args = parser.parse_args(argv)
     if any(users < 1 for users in args.users) or args.seconds <= 0:
         parser.error("--users must be at least 1 and --seconds positive")
@@ -299,6 +330,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--server-pid goes with --url (the server it starts is measured anyway)")
     if args.env and args.url:
         parser.error("--env sets the server this command starts; with --url, set them on that server")
+    if args.root != ROOT and (args.url or not (args.root / "services" / "api.py").is_file()):
+        parser.error("--root is a checkout of this project (services/api.py), served by this command")
+    if args.profile_users and args.url and not args.server_pid:
+        parser.error("--profile-users needs the server's process: --server-pid with --url")
     if args.url:
         try:
             split_url(args.url, args.endpoint)
@@ -320,10 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
         env = {"RNNSERVE_DEVICE": "cpu", **dict(item.split("=", 1) for item in args.env)}
-        server = Server(home, env=env).start()
+        server = Server(home, env=env, root=args.root).start()
         host, path, server_pid = server.url, route_of(args.endpoint), server.process.pid
         print(f"server ready on {server.url} (log: {server.log_path})", flush=True)
     steps: list[Step] = []
+    profiled: list[Step] = []
     try:
         for users in args.users:
             step = run_step(host, path, args.endpoint, users, args.seconds, args.out, server_pid)
@@ -331,13 +367,20 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {users:>4} users: {step.ok_rps:8.1f} req/s (200s)  p50 {_ms(step.p50_ms, 0)} ms  p99 "
                   f"{_ms(step.p99_ms, 0)} ms  failures {step.failures or 0}  server CPU "
                   f"{_ms(step.server_cpu_ms_per_request)} ms/request {step.cpu_by_process}", flush=True)
+        for users in args.profile_users:
+            step = run_step(host, path, args.endpoint, users, args.seconds, args.out, server_pid,
+                            profile=True)
+            profiled.append(step)
+            print(f"  {users:>4} users, profiled: {step.ok_rps:8.1f} req/s (200s), server CPU "
+                  f"{_ms(step.server_cpu_ms_per_request)} ms/request", flush=True)
     finally:
         if server is not None:
             server.stop()
     report["uptime_at_end"] = uptime()
-    report["steps"] = [{**asdict(s), "ok_rps": s.ok_rps,
-                        "server_cpu_ms_per_request": s.server_cpu_ms_per_request,
-                        "client_cpu_ms_per_request": s.client_cpu_ms_per_request} for s in steps]
+    report["steps"], report["profiled_steps"] = ([{**asdict(s), "ok_rps": s.ok_rps,
+                                                   "server_cpu_ms_per_request": s.server_cpu_ms_per_request,
+                                                   "client_cpu_ms_per_request": s.client_cpu_ms_per_request}
+                                                  for s in group] for group in (steps, profiled))
     written = args.out / f"locust_bench_{args.endpoint}.json"
     written.write_text(json.dumps(report, indent=1))
     best = max((s.ok_rps for s in steps), default=0.0)
@@ -347,6 +390,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "ceiling_batch_64" in report:
         print(f"\nIn-process ceiling (batch 64): {report['ceiling_batch_64']:.0f} sequences/s; "
               f"best / ceiling = {best / report['ceiling_batch_64']:.2f}")
+    for step in profiled:
+        if step.server_cpu_ms_per_request is None or not step.stage_samples:
+            continue
+        print(f"\nServer CPU per request by stage, {step.users} users (py-spy, {step.ok_rps:.0f} req/s "
+              "while profiled):\n")
+        columns = {report["label"]: (Counter(step.stage_samples), step.server_cpu_ms_per_request)}
+        print(breakdown.table(columns))
     print(f"written: {written}")
     return report
 

@@ -44,17 +44,21 @@ def private_home(bentoml_home: Path, port: int) -> Path:
 
 
 class Server:
-    """A real ``bentoml serve`` process on a free loopback port."""
+    """A real ``bentoml serve`` process on a free loopback port, of this checkout or of ``root`` (another
+    checkout of the code, e.g. ``git archive <commit>``, for before/after benchmarks)."""
 
     def __init__(self, bentoml_home: Path, env: dict[str, str] | None = None,
-                 target: str = ENTRY_TARGET) -> None:
+                 target: str = ENTRY_TARGET, root: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         home = private_home(bentoml_home, self.port)
         self.log_path = home / "serve.log"
         self.env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
                     **(env or {})}
+        if root != ROOT:
+            self.env["PYTHONPATH"] = str(root)
         self.target = target
+        self.root = root
         self.process: subprocess.Popen | None = None
 
     def launch(self) -> Server:
@@ -63,7 +67,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
              "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self
 
