@@ -275,6 +275,41 @@ def charts(history: dict[str, dict[str, list[float]]], out: Path) -> list[Path]:
     return written
 
 
+def by_user_count(history: dict[str, dict[str, list[float]]]) -> list[tuple[int, float, float, float]]:
+    """(users, mean req/s, mean failures/s, median p95 ms) per user count the run held, from the
+    aggregated history; the seconds while Locust spawned or stopped (no request yet) are left out."""
+    aggregated = history.get("Aggregated")
+    if not aggregated:
+        return []
+    steps: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
+    for users, rps, failures, p95 in zip(aggregated["User Count"], aggregated["Requests/s"],
+                                         aggregated["Failures/s"], aggregated["95%"], strict=True):
+        if users > 0 and rps > 0:
+            steps[int(users)].append((rps, failures, p95))
+    rows = []
+    for users, samples in sorted(steps.items()):
+        p95s = sorted(p for _, _, p in samples if not math.isnan(p))
+        median_p95 = p95s[len(p95s) // 2] if p95s else math.nan
+        rows.append((users, sum(r for r, _, _ in samples) / len(samples),
+                     sum(f for _, f, _ in samples) / len(samples), median_p95))
+    return rows
+
+
+def knee_markdown(rows: list[tuple[int, float, float, float]]) -> str:
+    """Where the load stopped paying: throughput per user count, the knee (the fewest users that reach
+    90% of the peak throughput; past it more users only queue) and the first user count with failures."""
+    if len(rows) < 2:
+        return ""
+    peak = max(rps for _, rps, _, _ in rows)
+    knee = next(users for users, rps, _, _ in rows if rps >= 0.9 * peak)
+    failing = next((users for users, _, failures, _ in rows if failures > 0), None)
+    lines = ["## Where the knee is", "", "| users | req/s | failures/s | p95 ms |", "|---:|---:|---:|---:|"]
+    lines += [f"| {u} | {r:.1f} | {f:.2f} | {_ms(p)} |" for u, r, f, p in rows]
+    lines += ["", f"Peak {peak:.1f} req/s; the knee is at {knee} users (90% of the peak); "
+              + (f"failures first at {failing} users." if failing else "no failures at any step.")]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path, users: int, prefix: str = "locust") -> str:
     """Writes ``summary.md`` and the charts under ``out``; returns the summary text."""
     locust = read_locust(out / prefix)
@@ -282,7 +317,10 @@ def write_report(out: Path, users: int, prefix: str = "locust") -> str:
     server = (server_view(parse_metrics(before.read_text()), parse_metrics(after.read_text()))
               if before.is_file() and after.is_file() else None)
     text = summary_markdown(locust, server, users)
-    written = charts(read_history(out / prefix), out)
+    history = read_history(out / prefix)
+    if knee := knee_markdown(by_user_count(history)):
+        text += "\n" + knee
+    written = charts(history, out)
     if written:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written) + "\n"
     (out / "summary.md").write_text(text)

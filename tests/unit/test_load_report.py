@@ -3,7 +3,9 @@
 from pathlib import Path
 
 from load.report import (
+    by_user_count,
     disagreements,
+    knee_markdown,
     read_locust,
     route_of,
     server_view,
@@ -106,3 +108,26 @@ def test_counts_that_differ_beyond_the_requests_in_flight_are_flagged(tmp_path):
     assert any("/v1/sentiment: Locust sent 110, the server counted 50" in p for p in problems)
     assert any(p.startswith("5xx: Locust saw 10, the server counted 0") for p in problems)
     assert "DISAGREE" in summary_markdown(locust, view, users=4)
+
+
+def history_of(rows: list[tuple[int, float, float, float]]) -> dict[str, dict[str, list[float]]]:
+    columns: dict[str, list[float]] = {"User Count": [], "Requests/s": [], "Failures/s": [], "95%": []}
+    for users, rps, failures, p95 in rows:
+        for key, value in zip(columns, (users, rps, failures, p95), strict=True):
+            columns[key].append(value)
+    return {"Aggregated": columns}
+
+
+def test_the_knee_is_the_fewest_users_reaching_90_percent_of_peak_and_failures_are_located():
+    history = history_of([(0, 0.0, 0.0, float("nan")), (8, 0.0, 0.0, float("nan")),  # spawning
+                          (8, 100.0, 0.0, 50.0), (8, 110.0, 0.0, 70.0), (16, 170.0, 0.0, 90.0),
+                          (24, 200.0, 0.0, 150.0), (32, 205.0, 1.5, 400.0), (32, 195.0, 0.5, 420.0)])
+    rows = by_user_count(history)
+    assert [(u, round(r), round(f, 2)) for u, r, f, _ in rows] == [(8, 105, 0.0), (16, 170, 0.0),
+                                                                   (24, 200, 0.0), (32, 200, 1.0)]
+    text = knee_markdown(rows)
+    assert "Peak 200.0 req/s; the knee is at 24 users (90% of the peak); failures first at 32 users." in text
+    assert "| 16 | 170.0 | 0.00 | 90 |" in text
+    clean = knee_markdown(by_user_count(history_of([(8, 100.0, 0.0, 50.0), (16, 100.0, 0.0, 90.0)])))
+    assert "the knee is at 8 users" in clean and "no failures at any step." in clean
+    assert knee_markdown(rows[:1]) == "" and by_user_count({}) == []
