@@ -61,6 +61,11 @@ class DecoderSettings(Group):
     max_active_rows: int = Field(256, ge=1)
     max_queue: int = Field(1024, ge=1)
     deadline_s: float = Field(30.0, gt=0)
+    # CPU priority of the service's processes (Unix niceness, 0-19): where they share cores with the
+    # entry (the embedded default), the entry's cheap models keep their latency while a decoder is
+    # busy, because the kernel gives the higher-niceness processes the smaller share. In a pod of its
+    # own it changes nothing.
+    cpu_nice: int = Field(5, ge=0, le=19)
 
 
 class RemoteModelSettings(ModelSettings):
@@ -204,10 +209,10 @@ class Settings(Group):
     # Log lines as text (BentoML's format) or as one JSON object per line, each with its request id.
     log_format: Literal["text", "json"] = "text"
     # Python's cyclic garbage collector in every worker (services/lifecycle.py settle_heap). "tuned":
-    # once the models are loaded, the ~300,000 objects of the start-up are frozen out of every later
-    # collection and a young collection waits for gc_gen0_threshold new objects; under load the
-    # default collector paused an entry worker's event loop for 300-475 ms every few seconds.
-    # "default" leaves Python's collector as it is.
+    # once the models are loaded, the start-up's objects are frozen out of every later collection and
+    # a young collection waits for gc_gen0_threshold new objects, because under load the default
+    # collector's full collections paused an entry worker's event loop for hundreds of milliseconds
+    # (load/RESULTS.md, issue 15). "default" leaves Python's collector as it is.
     gc: Literal["tuned", "default"] = "tuned"
     gc_gen0_threshold: int = Field(50_000, ge=100)
     http: HttpSettings = HttpSettings()

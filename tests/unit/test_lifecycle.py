@@ -102,3 +102,21 @@ def test_settle_heap_freezes_the_start_up_and_spaces_young_collections_unless_de
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_decoder_service_runs_at_its_cpu_niceness_and_never_raises_a_priority():
+    import subprocess
+    import sys
+
+    code = ("import os; from services.lifecycle import lower_priority; "
+            "base = os.getpriority(os.PRIO_PROCESS, 0); lower_priority(min(19, base + 3)); "
+            "a = os.getpriority(os.PRIO_PROCESS, 0); lower_priority(base);"
+            "print(a - base, os.getpriority(os.PRIO_PROCESS, 0) - base, base)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    raised, kept, base = map(int, done.stdout.split())
+    assert raised == kept == min(3, 19 - base)
+    from services.settings import Settings
+
+    settings = Settings.from_env({"RNNSERVE_TRANSLATE_CPU_NICE": "19"})
+    assert settings.translate.cpu_nice == 19 and settings.caption.cpu_nice == 5
+    assert not hasattr(settings.forecast, "cpu_nice")  # the cheap models keep the entry's priority
