@@ -1,6 +1,7 @@
 """A Locust closed loop on one endpoint, with the server's CPU per request (``make bench-locust``).
 
-    python -m load.locust_bench --endpoint sentiment|forecast [--users 1 16 64 256] [--seconds 20]
+    python -m load.locust_bench --endpoint sentiment|forecast|forecast-columns [--users 1 16 64 256]
+                                [--seconds 20]
                                 [--url http://127.0.0.1:PORT[/path]] [--server-pid PID]
 
 Beside ``load/bench.py`` (its own aiohttp client): this is the load a user comparing servers runs,
@@ -55,7 +56,7 @@ from services.local_server import ROOT, Server
 
 REPORTS = ROOT / "load" / "reports"
 USERS_FILE = ROOT / "load" / "locust_bench_users.py"
-ENDPOINTS = ("sentiment", "forecast")
+ENDPOINTS = ("sentiment", "forecast", "forecast-columns")
 LOOPBACK = ("127.0.0.1",)
 # Past --seconds, how long Locust may take to start and stop before it is killed.
 LOCUST_GRACE_S = 60.0
@@ -65,7 +66,7 @@ def route_of(endpoint: str) -> str:
     """The project's route for an endpoint of this benchmark."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint {endpoint!r}: choose one of {', '.join(ENDPOINTS)}")
-    return f"/v1/{endpoint}"
+    return f"/v1/{endpoint.split('-')[0]}"
 
 
 def request_bodies(endpoint: str) -> list[dict]:
@@ -78,6 +79,12 @@ def request_bodies(endpoint: str) -> list[dict]:
         from services.schemas.forecast import FORECAST_EXAMPLE
 
         return [FORECAST_EXAMPLE]
+    if endpoint == "forecast-columns":  # the same bars as the columnar form a pandas user sends
+        from services.schemas.forecast import COLUMNS, FORECAST_EXAMPLE
+
+        rows = FORECAST_EXAMPLE["rows"]
+        columns = {name: [row[name] for row in rows] for name in COLUMNS}
+        return [{**{k: v for k, v in FORECAST_EXAMPLE.items() if k != "rows"}, **columns}]
     raise ValueError(f"endpoint {endpoint!r}: choose one of {', '.join(ENDPOINTS)}")
 
 

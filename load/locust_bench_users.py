@@ -5,7 +5,8 @@ process, since gevent patches sockets at import. Its name does not end in ``_loc
 ``load/locustfile.py`` does not pick it up. Configured through the environment:
 
 - ``LOCUST_BENCH_ENDPOINT``: ``sentiment`` (the 872 SST-2 dev sentences as ``{"text": ...}``, in order,
-  round and round) or ``forecast`` (``services.schemas.forecast.FORECAST_EXAMPLE``).
+  round and round), ``forecast`` (``services.schemas.forecast.FORECAST_EXAMPLE``) or ``forecast-columns``
+  (the same bars in the columnar form).
 - ``LOCUST_BENCH_PATH``: the request path (default: the project's route, ``/v1/<endpoint>``), so a peer
   server that takes the same JSON body under another path (TorchServe's ``/predictions/<model>``) is
   measured with the same requests.

@@ -105,7 +105,13 @@ def test_bodies_and_routes():
     bodies = request_bodies("sentiment")
     assert len(bodies) == 872 and all(set(b) == {"text"} and b["text"] for b in bodies)
     assert request_bodies("forecast") == [FORECAST_EXAMPLE]
-    assert route_of("forecast") == "/v1/forecast"
+    assert route_of("forecast") == route_of("forecast-columns") == "/v1/forecast"
+    from services.schemas.forecast import ForecastRequest
+
+    rows, [columns] = ForecastRequest.model_validate(FORECAST_EXAMPLE), request_bodies("forecast-columns")
+    assert "rows" not in columns and len(columns["close"]) == len(FORECAST_EXAMPLE["rows"])
+    as_columns = ForecastRequest.model_validate(columns)
+    assert as_columns.bars_field == "date" and as_columns.last_bars(61) == rows.last_bars(61)
     for bad in (lambda: route_of("caption"), lambda: request_bodies("caption")):
         with pytest.raises(ValueError, match="sentiment, forecast"):
             bad()
