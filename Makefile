@@ -9,7 +9,7 @@ export BENTOML_HOME ?= $(HOME)/bentoml
 export BENTOML_DO_NOT_TRACK := true
 ARTIFACTS := $(wildcard models/artifacts/*)
 
-.PHONY: setup register serve test lint unit integration e2e load bench bench-locust bench-decoding train-sentiment train-translate clean validate-manifests smoke image-context gpu-check thread-bench bento
+.PHONY: setup register serve test lint unit integration e2e load bench bench-locust bench-decoding train-sentiment train-translate clean validate-manifests smoke smoke-split image-context gpu-check thread-bench bento
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,10 +88,17 @@ CONTEXT ?= /var/tmp/rnnserve-context
 image-context: setup
 	PYTHON=$(BIN)/python deploy/context.sh $(CONTEXT)
 
-## Container smoke test with Podman as root (Debian podman buildah runc debootstrap): build offline,
-## `podman kube play` the Deployment, one request per model, report size and time to ready, tear down.
+## Container smoke test with Podman as root (Debian podman buildah runc catatonit netavark aardvark-dns
+## debootstrap): build offline, `podman kube play` the entry Deployment (embedded mode), one request per
+## model, report size and time to ready, tear down.
 smoke: setup
 	PYTHON=$(abspath $(BIN))/python deploy/smoke.sh
+
+## Container smoke test of the split (root; also netavark aardvark-dns): every Deployment of the CPU
+## overlay played on one Podman network, one request per model through the entry, the translate pod
+## stopped (the others answer, translate 503) and started again; time to ready per pod, recovery time.
+smoke-split: setup
+	PYTHON=$(abspath $(BIN))/python deploy/smoke_split.sh
 
 ## On a CUDA machine: every model on cuda against cpu, outputs within tolerance, items/s per batch
 ## size. Needs only torch + the artifacts: `python3 deploy/gpu_check.py` runs without this venv.

@@ -9,6 +9,8 @@ the model's schema module (the same constant the OpenAPI docs and Locust use).
     python deploy/probe.py check http://127.0.0.1:3000
     python deploy/probe.py compare http://127.0.0.1:3001 http://127.0.0.1:3002   # CPU vs CUDA
     python deploy/probe.py load http://127.0.0.1:3000 --seconds 20 --concurrency 8
+    python deploy/probe.py down http://127.0.0.1:3000 translate      # with translate's service stopped
+    python deploy/probe.py wait-up http://127.0.0.1:3000 translate   # until it answers 200 again
 
 Loopback only: the load is bounded in time and count and stops by itself.
 """
@@ -55,15 +57,21 @@ METRICS_PATH = "/metrics"
 MODELS_PATH = "/v1/models"
 
 
-def request(url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> tuple[int, bytes]:
+def request_with_headers(url: str, body: dict[str, Any] | None = None,
+                         timeout: float = 60) -> tuple[int, bytes, dict[str, str]]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, response.read()
+            return response.status, response.read(), {k.lower(): v for k, v in response.headers.items()}
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code, exc.read(), {k.lower(): v for k, v in exc.headers.items()}
+
+
+def request(url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> tuple[int, bytes]:
+    status, payload, _ = request_with_headers(url, body, timeout)
+    return status, payload
 
 
 def served_models(base: str) -> list[str]:
@@ -105,6 +113,65 @@ def check(base: str) -> dict[str, Any]:
     if failures:
         raise SystemExit("FAILED: " + "; ".join(failures))
     return answers
+
+
+def model_states(base: str) -> dict[str, str]:
+    status, body = request(base + MODELS_PATH, {})
+    if status != 200:
+        raise SystemExit(f"POST {MODELS_PATH} answered {status}: {body[:300]!r}")
+    return {model["name"]: model["state"] for model in json.loads(body)}
+
+
+def check_down(base: str, down: str) -> None:
+    """With model ``down``'s own service stopped: its endpoint answers 503 ``model_unavailable`` with a
+    Retry-After, ``/v1/models`` shows it unavailable and every other model ready, every other model
+    answers 200, and the entry stays ready. Exits non-zero on any failure."""
+    failures = []
+    status, body, headers = request_with_headers(base + ENDPOINTS[down].route, ENDPOINTS[down].example())
+    code = json.loads(body).get("error", {}).get("code") if body.startswith(b"{") else None
+    print(f"POST {ENDPOINTS[down].route}: {status}, Retry-After {headers.get('retry-after')}, "
+          f"{body[:300].decode(errors='replace')}")
+    if status != 503 or not headers.get("retry-after", "").isdigit() or code != "model_unavailable":
+        failures.append(f"{ENDPOINTS[down].route} answered {status} (Retry-After "
+                        f"{headers.get('retry-after')!r}, code {code!r}); expected 503 model_unavailable "
+                        "with a Retry-After")
+    states = model_states(base)
+    print(f"POST {MODELS_PATH}: {states}")
+    expected = {name: "unavailable" if name == down else "ready" for name in states}
+    if states != expected or down not in states:
+        failures.append(f"{MODELS_PATH} says {states}; expected {expected}")
+    for name, endpoint in ENDPOINTS.items():
+        if name == down:
+            continue
+        status, body = request(base + endpoint.route, endpoint.example())
+        print(f"POST {endpoint.route}: {status}")
+        if status != 200:
+            failures.append(f"{endpoint.route} answered {status} while {down} is down: {body[:200]!r}")
+    status, body = request(base + READINESS_PATH)
+    print(f"GET {READINESS_PATH}: {status}")
+    if status != 200:
+        failures.append(f"{READINESS_PATH} answered {status} while only {down} is down: {body[:200]!r}")
+    if failures:
+        raise SystemExit("FAILED: " + "; ".join(failures))
+
+
+def wait_up(base: str, name: str, timeout_s: float, interval_s: float = 0.5) -> float:
+    """Polls ``name``'s endpoint through the entry until it answers 200; returns the seconds waited."""
+    endpoint = ENDPOINTS[name]
+    started = time.monotonic()
+    statuses: dict[int, int] = {}
+    while True:
+        status, body = request(base + endpoint.route, endpoint.example())
+        statuses[status] = statuses.get(status, 0) + 1
+        waited = time.monotonic() - started
+        if status == 200:
+            print(f"POST {endpoint.route}: 200 after {waited:.1f} s (answers on the way: {statuses}): "
+                  f"{body[:200].decode(errors='replace')}")
+            return waited
+        if waited > timeout_s:
+            raise SystemExit(f"FAILED: {endpoint.route} still answers {status} after {timeout_s:.0f} s "
+                             f"(answers: {statuses}): {body[:300]!r}")
+        time.sleep(interval_s)
 
 
 def _numbers_close(left: Any, right: Any, path: str, rtol: float, atol: float, out: list[str]) -> None:
@@ -183,9 +250,20 @@ def main(argv: list[str]) -> int:
     ld.add_argument("--seconds", type=float, default=20)
     ld.add_argument("--concurrency", type=int, default=8)
     ld.add_argument("--json", help="write {model: req/s} here")
+    dn = sub.add_parser("down")
+    dn.add_argument("url")
+    dn.add_argument("model", choices=sorted(ENDPOINTS))
+    up = sub.add_parser("wait-up")
+    up.add_argument("url")
+    up.add_argument("model", choices=sorted(ENDPOINTS))
+    up.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
     if args.command == "check":
         check(args.url.rstrip("/"))
+    elif args.command == "down":
+        check_down(args.url.rstrip("/"), args.model)
+    elif args.command == "wait-up":
+        wait_up(args.url.rstrip("/"), args.model, args.timeout)
     elif args.command == "compare":
         differences = compare(args.reference.rstrip("/"), args.candidate.rstrip("/"), args.rtol, args.atol)
         for line in differences:
