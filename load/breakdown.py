@@ -23,10 +23,11 @@ from pathlib import Path
 
 # (stage, patterns): a frame matches when one pattern occurs in ``function (file:line)``.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("model (forward)", ("torch/", "models/rnn.py", "predict (services/sentiment.py", "WindowModel.run (",
-                         "WindowModel._forward (", "_forward (services/forecasting.py")),
-    ("tokenization", ("models/text.py", "tokenizers", "encode (services/sentiment.py",
-                      "SentimentModel.encode")),
+    ("model (forward)", ("torch/nn/", "torch/jit/", "torch/_tensor.py", "torch/functional.py",
+                         "models/rnn.py", "predict (services/sentiment.py")),
+    ("features (tokens, bars, dates)", ("models/text.py", "tokenizers", "encode (services/sentiment.py",
+                                        "SentimentModel.encode", "row_features", "bar_features (",
+                                        "business_dates", "to_forecasts", "forecast_windows (")),
     ("logging", ("logging/", "services/observability.py:8", "services/observability.py:9",
                  "services/observability.py:1", "access.py")),
     ("metrics", ("prometheus_client/", "services/metrics.py", "instruments.py", "Batcher._observe",

@@ -151,6 +151,15 @@ class ForecastRequest(BaseModel):
     def bar_count(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.date or [])
 
+    def last_columns(self, count: int) -> tuple[list[float], ...]:
+        """open, high, low, close, volume of the last ``count`` bars, oldest first (the columnar form
+        slices its lists; the row form reads its bars)."""
+        if self.rows is None:
+            return tuple(getattr(self, name)[-count:] for name in COLUMNS[1:])
+        bars = self.rows[-count:]
+        return ([b.open for b in bars], [b.high for b in bars], [b.low for b in bars],
+                [b.close for b in bars], [b.volume for b in bars])
+
     def last_bars(self, count: int) -> list[Bar]:
         """The last ``count`` bars (already validated: the columnar form builds only these)."""
         if self.rows is not None:

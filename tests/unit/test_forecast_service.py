@@ -569,3 +569,28 @@ def test_columns_hold_at_most_the_row_limit():
     assert ForecastRequest.model_validate(columns_of(rows[:MAX_ROWS])).bar_count() == MAX_ROWS
     with pytest.raises(ValidationError, match=f"at most {MAX_ROWS} items"):
         ForecastRequest.model_validate(columns_of(rows))
+
+
+def test_window_features_of_a_batch_equal_row_features_of_each_window_in_both_request_forms():
+    import random
+
+    import numpy as np
+
+    from services.forecasting import window_features
+    from services.schemas.forecast import COLUMNS
+
+    rng = random.Random(7)
+    requests = []
+    for _ in range(16):
+        close = [rng.uniform(0.5, 900.0) for _ in range(WINDOW + 1)]
+        bars = [Bar(date=dt.date(2024, 1, 1) + dt.timedelta(days=i), open=c * rng.uniform(0.9, 1.1),
+                    high=c * 1.2, low=c * 0.8, close=c, volume=rng.choice([0.0, rng.uniform(0, 1e9)]))
+                for i, c in enumerate(close)]
+        requests.append(ForecastRequest(rows=bars))
+        columns = {name: [getattr(b, name) for b in bars] for name in COLUMNS}
+        requests.append(ForecastRequest(**columns))
+    batch = window_features([r.last_columns(WINDOW + 1) for r in requests])
+    assert batch.shape == (len(requests), WINDOW, 5) and batch.dtype == np.float32
+    for request, features in zip(requests, batch, strict=True):
+        expected = np.asarray(row_features(request.last_bars(WINDOW + 1)), dtype=np.float32)
+        np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-7)
