@@ -48,8 +48,8 @@ _ID_COUNTER = itertools.count()
 
 
 def new_id() -> str:
-    """32 hex digits, unique per request: a random prefix per process and a counter. ``uuid4`` cost an
-    ``os.urandom`` system call per request, 1.7% of an entry worker's CPU under load (load/breakdown.py)."""
+    """32 hex digits, unique per request: a random prefix per process and a counter (``uuid4`` per
+    request costs a system call; it showed in the entry's CPU profile, load/RESULTS.md)."""
     global _ID_PREFIX
     pid = os.getpid()
     if _ID_PREFIX[0] != pid:
