@@ -28,7 +28,7 @@ from bentoml.exceptions import BadInput
 from starlette.datastructures import UploadFile
 
 try:  # every private name this project uses, in one place
-    from _bentoml_impl.client.proxy2 import AsyncClient
+    from _bentoml_impl.client.proxy2 import AsyncClient, SessionManager
     from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
     from _bentoml_impl.server.app import ServiceAppFactory
     from _bentoml_sdk.io_models import IOMixin
@@ -355,6 +355,33 @@ def bound_connections(limits: ConnectionLimits) -> None:
     target = f"{__name__}:BoundedHttpToolsProtocol"
     REPLACED.setdefault("uvicorn.config.HTTP_PROTOCOLS", dict(UVICORN_HTTP_PROTOCOLS))
     UVICORN_HTTP_PROTOCOLS["auto"] = UVICORN_HTTP_PROTOCOLS["httptools"] = target
+
+
+def bound_dependency_connects(connect_timeout_s: float) -> None:
+    """Gives BentoML's client for a dependency (a model service reached by URL) a connect timeout.
+
+    Its aiohttp session has only a total timeout (the service's request timeout), so a connection to
+    an address that no longer answers (a pod that was just stopped, whose address a DNS cache still
+    holds; a node that failed) hung for the whole request timeout before the entry could answer, where
+    a refused connection answers at once. The connect now fails after ``connect_timeout_s``, and the
+    entry answers 503 ``model_unavailable`` (services/errors.py) as for a refused connection."""
+    import aiohttp
+
+    if getattr(SessionManager, PATCHED, False):
+        SessionManager.connect_timeout_s = connect_timeout_s
+        return
+    init = REPLACED["SessionManager.__init__"] = SessionManager.__init__
+
+    def init_with_connect_timeout(self, url, timeout, headers, app=None, max_age=300.0,
+                                  max_requests=100) -> None:
+        init(self, url, timeout, headers, app=app, max_age=max_age, max_requests=max_requests)
+        total = self._timeout.total
+        connect = min(total, self.connect_timeout_s) if total else self.connect_timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect)
+
+    SessionManager.connect_timeout_s = connect_timeout_s
+    SessionManager.__init__ = init_with_connect_timeout
+    setattr(SessionManager, PATCHED, True)
 
 
 # Accessors -----------------------------------------------------------------------------------------

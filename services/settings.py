@@ -188,6 +188,9 @@ class HttpSettings(Group):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     body_timeout_s: float = Field(20.0, gt=0)
     keep_alive_s: float = Field(5.0, gt=0)
+    # Connecting to a model service reached by URL (services/bentoml_compat.py bound_dependency_connects):
+    # past this, the entry answers 503 model_unavailable instead of waiting the whole request timeout.
+    connect_timeout_s: float = Field(3.0, gt=0)
     max_connections: int = Field(1000, ge=1)
     # When api_token is set, POSTs under the comma-separated prefixes of api_token_paths (the
     # state-changing session endpoints) need "Authorization: Bearer <token>".

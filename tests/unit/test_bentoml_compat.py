@@ -55,6 +55,8 @@ CONTRACT = [
                                ("on_url", ["self", "url"]), ("on_header", ["self", "name", "value"]),
                                ("on_headers_complete", ["self"]), ("data_received", ["self", "data"]),
                                ("connection_lost", ["self", "exc"]), ("send_400_response", ["self", "msg"])]],
+    ("_bentoml_impl.client.proxy2", "SessionManager._make_client", ["self"],
+     "bound_dependency_connects: the session it builds takes SessionManager._timeout"),
     ("_bentoml_impl.client.proxy2", "AsyncClient._deserialize_output", ["self", "payload", "endpoint"],
      "close_abandoned_streams decodes each chunk with it"),
     ("_bentoml_impl.server.app", "ServiceAppFactory.api_endpoint", ["self", "name", "request"],
@@ -73,6 +75,7 @@ REPLACED = {
     "ServiceAppFactory.api_endpoint_wrapper": ["self", "name", "request"],
     "RunnerTrafficMetricsMiddleware.__call__": ["self", "scope", "receive", "send"],
     "AsyncClient._parse_stream_response": ["self", "endpoint", "resp"],
+    "SessionManager.__init__": ["self", "url", "timeout", "headers", "app", "max_age", "max_requests"],
 }
 
 
@@ -302,3 +305,54 @@ def test_no_other_service_module_touches_bentoml_private_api():
                  for path in sorted((ROOT / "services").rglob("*.py")) if path.name != "bentoml_compat.py"
                  for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
     assert not offenders, f"BentoML's private API belongs in services/bentoml_compat.py: {offenders}"
+
+
+def test_a_dependency_that_does_not_accept_fails_at_the_connect_timeout_as_unavailable():
+    """A listener whose accept queue is full drops new SYNs: the connection neither opens nor is
+    refused, as with a stopped pod's address still in a DNS cache. BentoML's client session (patched
+    by bound_dependency_connects) gives up at the connect timeout, not at its total timeout, and the
+    entry maps that to 503 model_unavailable."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    from services import bentoml_compat
+    from services.errors import to_service_error
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    for _ in range(4):  # fill the accept queue; nothing ever accepts
+        held.append(client := socket.socket())
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+    try:
+        bentoml_compat.bound_dependency_connects(0.3)
+        manager = SessionManager(f"http://127.0.0.1:{port}", timeout=20.0, headers={})
+        assert manager._timeout.total == 20.0 and manager._timeout.sock_connect == 0.3
+
+        async def call() -> BaseException:
+            session = await manager.get_session()
+            try:
+                async with session.post("/translate", json={}) as response:
+                    pytest.fail(f"connected to a listener that never accepts: {response.status}")
+            except Exception as exc:  # the error is what is checked
+                return exc
+            finally:
+                await manager.close()
+
+        error = asyncio.run(asyncio.wait_for(call(), 15.0))
+        assert isinstance(error, aiohttp.ConnectionTimeoutError), repr(error)
+        answer = to_service_error(error)
+        assert (answer.status, answer.code) == (503, "model_unavailable")
+    finally:
+        from services.settings import SETTINGS
+
+        bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s)
+        for client in held:
+            client.close()
+        listener.close()

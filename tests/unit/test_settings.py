@@ -53,3 +53,12 @@ def test_the_entry_does_not_read_the_processes_of_a_model_it_runs_itself():
 def test_bad_settings_stop_the_service_naming_the_variable(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env, secrets_dir="/nonexistent")
+
+
+def test_connect_timeout_to_model_services_is_a_positive_setting():
+    from services.settings import Settings
+
+    assert Settings.from_env({}).http.connect_timeout_s == 3.0
+    assert Settings.from_env({"RNNSERVE_CONNECT_TIMEOUT_S": "0.5"}).http.connect_timeout_s == 0.5
+    with pytest.raises(ValueError, match="RNNSERVE_CONNECT_TIMEOUT_S"):
+        Settings.from_env({"RNNSERVE_CONNECT_TIMEOUT_S": "0"})
