@@ -246,7 +246,8 @@ def entry_alive(entry_name: str) -> bool:
 # Errors of every endpoint ---------------------------------------------------------------------------
 
 
-def _refusal(instance: Any) -> ServiceError | None:
+def _refusal(instance: Any, request: Any) -> ServiceError | None:
+    services.observability.adopt_request_id(request.headers, SETTINGS.http.max_request_id_chars)
     check = getattr(instance, "unavailable", None)
     return check() if check is not None else None
 

@@ -21,8 +21,17 @@ import os
 import re
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
+from opentelemetry import propagate
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import (
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.settings import SETTINGS
@@ -125,6 +134,42 @@ class TextWithRequestId(logging.Formatter):
         return f"{text} (request_id={request_id})" if request_id else text
 
 
+class RequestIdPropagator(TextMapPropagator):
+    """Puts the request's id on every call to a model service: BentoML's client injects the global
+    OpenTelemetry propagator's headers into each call it makes (tracing on or off), so the model
+    service's log lines carry the entry's id (``adopt_request_id`` on its side)."""
+
+    def inject(self, carrier: Any, context: Any = None, setter: Setter = default_setter) -> None:
+        if (request_id := REQUEST_ID.get()) is not None:
+            setter.set(carrier, HEADER.decode(), request_id)
+
+    def extract(self, carrier: Any, context: Any = None, getter: Getter = default_getter) -> Any:
+        return context  # the id is read by adopt_request_id, not through OpenTelemetry's context
+
+    @property
+    def fields(self) -> set[str]:
+        return {HEADER.decode()}
+
+
+def propagate_request_ids() -> None:
+    """Adds ``RequestIdPropagator`` to the global propagator, keeping what was there (idempotent)."""
+    current = propagate.get_global_textmap()
+    if getattr(current, "rnnserve_request_ids", False):
+        return
+    composite = CompositePropagator([current, RequestIdPropagator()])
+    composite.rnnserve_request_ids = True
+    propagate.set_global_textmap(composite)
+
+
+def adopt_request_id(headers: Any, max_chars: int) -> None:
+    """In a model service: the caller's (the entry's) id becomes this request's, if acceptable. Where a
+    ``RequestId`` middleware already set one (the entry), it is kept."""
+    if REQUEST_ID.get() is not None or (value := headers.get(HEADER.decode())) is None:
+        return
+    if (accepted := accepted_id(value.encode("latin-1"), max_chars)) is not None:
+        REQUEST_ID.set(accepted)
+
+
 def configure_logging(log_format: Literal["text", "json"]) -> list[logging.Handler]:
     """Adds the filter and the formatter to every handler of the root and ``bentoml`` loggers (those
     BentoML's worker configured before it imported the service); returns the handlers changed."""
@@ -141,3 +186,5 @@ def configure_logging(log_format: Literal["text", "json"]) -> list[logging.Handl
 
 
 configure_logging(SETTINGS.log_format)
+logging.getLogger("services").setLevel(SETTINGS.log_level.upper())  # BentoML leaves the root at WARNING
+propagate_request_ids()

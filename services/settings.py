@@ -211,6 +211,9 @@ class Settings(Group):
     access_log: Literal["on", "off"] = "off"
     # Log lines as text (BentoML's format) or as one JSON object per line, each with its request id.
     log_format: Literal["text", "json"] = "text"
+    # The level of this project's own loggers (services.*): at "info", each client error is logged
+    # (rate-limited per code, services/errors.py ClientErrorLog) and model start-ups are reported.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Python's cyclic garbage collector in every worker (services/lifecycle.py settle_heap). "tuned":
     # once the models are loaded, the start-up's objects are frozen out of every later collection and
     # a young collection waits for gc_gen0_threshold new objects, because under load the default

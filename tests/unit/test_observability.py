@@ -170,3 +170,34 @@ def test_generated_ids_are_unique_within_a_process_and_across_processes():
               .stdout.strip() for _ in range(3)}
     assert len(others) == 3 and not others & set(here)
     assert len({i[:16] for i in others} | {here[0][:16]}) == 4  # a random prefix per process
+
+
+def test_the_request_id_rides_every_propagated_call_and_a_model_service_adopts_it():
+    import contextvars
+
+    from opentelemetry import propagate
+
+    from services.observability import REQUEST_ID, adopt_request_id, propagate_request_ids
+
+    propagate_request_ids()
+    propagate_request_ids()  # idempotent: one propagator, one header
+
+    def call(request_id: str | None) -> dict[str, str]:
+        REQUEST_ID.set(request_id)
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        return headers
+
+    assert contextvars.copy_context().run(call, "entry-7")["x-request-id"] == "entry-7"
+    assert "x-request-id" not in contextvars.copy_context().run(call, None)
+
+    def adopted(headers: dict[str, str], already: str | None = None) -> str | None:
+        REQUEST_ID.set(already)
+        adopt_request_id(headers, max_chars=MAX)
+        return REQUEST_ID.get()
+
+    assert contextvars.copy_context().run(adopted, {"x-request-id": "entry-7"}) == "entry-7"
+    assert contextvars.copy_context().run(adopted, {"x-request-id": "a b"}) is None  # not acceptable
+    assert contextvars.copy_context().run(adopted, {"x-request-id": "x" * (MAX + 1)}) is None
+    assert contextvars.copy_context().run(adopted, {}) is None
+    assert contextvars.copy_context().run(adopted, {"x-request-id": "other"}, "mine") == "mine"
