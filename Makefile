@@ -53,12 +53,14 @@ load: register
 bench: register
 	$(BIN)/python -m load.bench $(ARGS)
 
-## One Locust process (closed loop, wait 0) at 1/16/64/256 users on sentiment, then forecast windows:
-## req/s, p50/p99, failures by status, server CPU per request. Another server on 127.0.0.1:
-## ARGS="--url http://127.0.0.1:PORT[/path] --server-pid PID". Writes load/reports/locust_bench_*.json.
+## One Locust process (closed loop, wait 0) at 1/16/64/256 users on sentiment, then forecast windows
+## (rows, then the same bars as columns): req/s, p50/p99, failures by status, server CPU per request;
+## ARGS="--profile-users 256" adds a profiled step split by stage (load/breakdown.py). Another server
+## on 127.0.0.1: ARGS="--url http://127.0.0.1:PORT[/path] --server-pid PID". Writes load/reports/locust_bench_*.json.
 bench-locust: register
 	$(BIN)/python -m load.locust_bench --endpoint sentiment $(ARGS)
 	$(BIN)/python -m load.locust_bench --endpoint forecast $(ARGS)
+	$(BIN)/python -m load.locust_bench --endpoint forecast-columns $(ARGS)
 
 ## Translate and caption before and after iteration-level decoding (issue 16), one run: static ceilings,
 ## greedy and beam 4 at 1/16/64/256 clients, 64 and 256 streams. ARGS="--before DIR" (a checkout of the
