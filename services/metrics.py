@@ -27,7 +27,8 @@ BATCH_PADDING_RATIO = Histogram(
 )
 INFERENCE_SECONDS = Histogram(
     "rnnserve_model_inference_seconds",
-    "Wall time of one batched model forward pass.",
+    "Wall time of one batched model forward pass (sentiment, forecast); for translate and caption, of "
+    "one request's decode in the shared decode loop, from queueing to its last sequence's end.",
     ["model"],
     buckets=SECONDS_BUCKETS,
 )
