@@ -195,12 +195,14 @@ def error_response(error: ServiceError) -> Response:
     return response
 
 
-async def send_error(send: Send, error: ServiceError,
-                     extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """``error`` as an ASGI answer (for a middleware)."""
+async def send_error(send: Send, error: ServiceError, extra_headers: list[tuple[bytes, bytes]] | None = None,
+                     *, counted: bool = False) -> None:
+    """``error`` as an ASGI answer (for a middleware), counted as a refusal unless ``counted`` says
+    ``report`` already counted it (an endpoint's error: only 5xx are refusals there)."""
     from services.metrics import REJECTED_REQUESTS_TOTAL
 
-    REJECTED_REQUESTS_TOTAL.labels(error.code).inc()
+    if not counted:
+        REJECTED_REQUESTS_TOTAL.labels(error.code).inc()
     body, headers = encode(error)
     await send({"type": "http.response.start", "status": error.status,
                 "headers": headers + (extra_headers or [])})

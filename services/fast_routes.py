@@ -47,7 +47,8 @@ class FastRoutes:
         try:
             answer = await handler(scope[JSON_BODY])
         except Exception as exc:
-            await send_error(send, report(exc, scope["method"], scope["path"]))
+            # Counted as BentoML's endpoint path counts it (report: 5xx only), not a second time.
+            await send_error(send, report(exc, scope["method"], scope["path"]), counted=True)
             return
         body = answer.__pydantic_serializer__.to_json(answer)
         await send({"type": "http.response.start", "status": 200, "headers": [

@@ -330,3 +330,34 @@ def test_fast_routes_answer_registered_routes_and_pass_the_rest_on():
     body = assert_shape(invalid, 400, "validation_error")
     assert {tuple(d["loc"]) for d in body["detail"]} == {("x",), ("z",)}
     assert other.json() == {"x": 7}  # not registered: the app itself answered (fake_app echoes)
+
+
+def test_a_fast_route_error_is_counted_as_the_endpoint_path_counts_it_once():
+    from pydantic import BaseModel
+
+    from services import fast_routes
+    from services.errors import ServiceError
+    from services.metrics import REJECTED_REQUESTS_TOTAL
+
+    class Anything(BaseModel):
+        fail: str
+
+    async def endpoint(request: Anything) -> Anything:
+        raise ServiceError.unavailable("down") if request.fail == "503" else ServiceError(
+            400, "invalid_request", "no", "fail")
+
+    def count(code: str) -> float:
+        return REJECTED_REQUESTS_TOTAL.labels(code)._value.get()
+
+    fast_routes.register("/v1/failing", Anything, endpoint)
+    try:
+        before = count("model_unavailable"), count("invalid_request")
+        app = Body(fast_routes.FastRoutes(fake_app), max_body_bytes=1000, max_json_depth=8)
+        down, bad = run(app, post("/v1/failing", json_body={"fail": "503"}),
+                        post("/v1/failing", json_body={"fail": "400"}))
+    finally:
+        del fast_routes.HANDLERS["/v1/failing"]
+    assert_shape(down, 503, "model_unavailable")
+    assert_shape(bad, 400, "invalid_request")
+    assert count("model_unavailable") - before[0] == 1  # a 5xx: once, not twice
+    assert count("invalid_request") - before[1] == 0  # an endpoint's 4xx is not a refusal
