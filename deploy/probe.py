@@ -122,19 +122,27 @@ def model_states(base: str) -> dict[str, str]:
     return {model["name"]: model["state"] for model in json.loads(body)}
 
 
-def check_down(base: str, down: str) -> None:
+def check_down(base: str, down: str, tries: int = 4) -> None:
     """With model ``down``'s own service stopped: its endpoint answers 503 ``model_unavailable`` with a
-    Retry-After, ``/v1/models`` shows it unavailable and every other model ready, every other model
-    answers 200, and the entry stays ready. Exits non-zero on any failure."""
+    Retry-After (``tries`` times, one after the other: each entry worker has its own connections to
+    the stopped service, and the first calls meet the ones it kept open), ``/v1/models`` shows it
+    unavailable and every other model ready, every other model answers 200, and the entry stays
+    ready. Prints how long each 503 took. Exits non-zero on any failure."""
     failures = []
-    status, body, headers = request_with_headers(base + ENDPOINTS[down].route, ENDPOINTS[down].example())
-    code = json.loads(body).get("error", {}).get("code") if body.startswith(b"{") else None
-    print(f"POST {ENDPOINTS[down].route}: {status}, Retry-After {headers.get('retry-after')}, "
-          f"{body[:300].decode(errors='replace')}")
-    if status != 503 or not headers.get("retry-after", "").isdigit() or code != "model_unavailable":
-        failures.append(f"{ENDPOINTS[down].route} answered {status} (Retry-After "
-                        f"{headers.get('retry-after')!r}, code {code!r}); expected 503 model_unavailable "
-                        "with a Retry-After")
+    elapsed = []
+    for attempt in range(1, tries + 1):
+        started = time.perf_counter()
+        status, body, headers = request_with_headers(base + ENDPOINTS[down].route, ENDPOINTS[down].example())
+        elapsed.append(time.perf_counter() - started)
+        code = json.loads(body).get("error", {}).get("code") if body.startswith(b"{") else None
+        print(f"POST {ENDPOINTS[down].route} ({attempt}/{tries}): {status} in {elapsed[-1] * 1000:.0f} ms, "
+              f"Retry-After {headers.get('retry-after')}, {body[:300].decode(errors='replace')}")
+        if status != 503 or not headers.get("retry-after", "").isdigit() or code != "model_unavailable":
+            failures.append(f"{ENDPOINTS[down].route} answered {status} (Retry-After "
+                            f"{headers.get('retry-after')!r}, code {code!r}) in {elapsed[-1]:.1f} s; "
+                            "expected 503 model_unavailable with a Retry-After")
+    print(f"{ENDPOINTS[down].route} while {down} is down: 503 in "
+          f"{', '.join(f'{seconds:.2f}' for seconds in elapsed)} s")
     states = model_states(base)
     print(f"POST {MODELS_PATH}: {states}")
     expected = {name: "unavailable" if name == down else "ready" for name in states}

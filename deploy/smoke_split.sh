@@ -5,8 +5,14 @@
 #   1. every pod ready (time to ready per pod, memory per pod), the image's size;
 #   2. each pod resolves the others by Service name; one real request per model through the entry;
 #   3. the translate pod stopped (`podman pod stop`): sentiment, forecast and caption still answer 200,
-#      the entry's /readyz stays 200, /v1/translate answers 503 model_unavailable with Retry-After,
-#      and /v1/models shows translate unavailable;
+#      the entry's /readyz stays 200, /v1/translate answers 503 model_unavailable with Retry-After
+#      (four calls, each timed), and /v1/models shows translate unavailable. The entry's kept-alive
+#      connections to the stopped pod get no FIN or RST (`ss` in the entry's pod: still ESTABLISHED
+#      after the stop, a request written on one never acknowledged), as from a failed node in a
+#      cluster: a call that meets one answers after RNNSERVE_PEER_TIMEOUT_S (3 s; services/
+#      bentoml_compat.py dependency_socket), one that connects anew to the pod's address (in the
+#      entry's DNS cache for up to 10 s) after RNNSERVE_CONNECT_TIMEOUT_S (3 s), later ones at once
+#      (the name no longer resolves);
 #   4. the translate pod started again: how long until /v1/translate answers 200 through the entry;
 # and a summary. Everything (pods, network, image) is torn down on exit, failed or not.
 #
@@ -111,7 +117,8 @@ stop_started=$(now)
 podman pod stop "$down_pod" >/dev/null
 stop_s=$(since "$stop_started")
 log "podman pod stop $down_pod: stopped in $stop_s s; the entry with $DOWN down:"
-"$PYTHON" deploy/probe.py down "$entry" "$DOWN" || { dump; exit 1; }
+"$PYTHON" deploy/probe.py down "$entry" "$DOWN" | tee "$SMOKE_DIR/down.log" || { dump; exit 1; }
+down_s=$(sed -n "s/^.* while $DOWN is down: 503 in //p" "$SMOKE_DIR/down.log")
 
 # 4. Started again: how long until the entry answers for it, and until its own /readyz.
 start_started=$(now)
@@ -134,5 +141,6 @@ for deployment in "${order[@]}"; do
     printf '  %-20s %-20s %-16s %s\n' "$deployment" "${alias_of[$deployment]}" "${ready_s[$deployment]} s" "$memory"
 done
 echo "  all four ready $all_ready_s s after the first kube play (played one after the other, loading at once)"
-echo "  $DOWN stopped ($stop_s s): others 200, entry /readyz 200, /v1/$DOWN 503 with Retry-After, /v1/models: $DOWN unavailable"
+echo "  $DOWN stopped ($stop_s s): /v1/$DOWN 503 model_unavailable with Retry-After in $down_s; others 200,"
+echo "    entry /readyz 200, /v1/models: $DOWN unavailable"
 echo "  $DOWN started again: 200 through the entry after $recovered_s s (its /readyz at $own_ready_s s)"

@@ -18,7 +18,9 @@ Two kinds of use:
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -357,20 +359,64 @@ def bound_connections(limits: ConnectionLimits) -> None:
     UVICORN_HTTP_PROTOCOLS["auto"] = UVICORN_HTTP_PROTOCOLS["httptools"] = target
 
 
-def bound_dependency_connects(connect_timeout_s: float) -> None:
-    """Gives BentoML's client for a dependency (a model service reached by URL) a connect timeout.
+KEEPALIVE_PROBE_S = 1  # TCP keep-alive: idle time before the first probe and between probes (whole s)
 
-    Its aiohttp session has only a total timeout (the service's request timeout), so a connection to
-    an address that no longer answers (a pod that was just stopped, whose address a DNS cache still
-    holds; a node that failed) hung for the whole request timeout before the entry could answer, where
-    a refused connection answers at once. The connect now fails after ``connect_timeout_s``, and the
-    entry answers 503 ``model_unavailable`` (services/errors.py) as for a refused connection."""
+
+def dependency_socket(addr_info: tuple, *, peer_timeout_s: float) -> socket.socket:
+    """A TCP socket to a model service that gives up on a peer gone without closing the connection.
+
+    TCP_USER_TIMEOUT (Linux): the kernel drops the connection, with ETIMEDOUT, once data it sent stays
+    unacknowledged for ``peer_timeout_s``; keep-alive probes every ``KEEPALIVE_PROBE_S`` of silence
+    make that hold for an idle pooled connection and for a request waiting on its answer too (with
+    TCP_USER_TIMEOUT set, the kernel drops the connection when probes go unanswered that long). A
+    live peer's kernel acknowledges the request and the probes at once, however long its model
+    works, so a slow answer is never cut; nor is an answer that has started. Where an option is
+    missing (not Linux) the socket gets what the platform has.
+    """
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option in ("TCP_KEEPIDLE", "TCP_KEEPINTVL"):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), KEEPALIVE_PROBE_S)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(peer_timeout_s * 1000)))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_dependency_connects(connect_timeout_s: float, peer_timeout_s: float) -> None:
+    """Bounds how long BentoML's client for a dependency (a model service reached by URL) waits on a
+    peer that is not there; each case then answers 503 ``model_unavailable`` (services/errors.py), as
+    a refused connection does, instead of waiting the whole request timeout (the session's only
+    timeout, its total).
+
+    * **Connecting**: an address that no longer answers (a stopped pod whose address a DNS cache still
+      holds; a node that failed) fails after ``connect_timeout_s`` (aiohttp's ``sock_connect``).
+    * **An open connection whose peer vanished without FIN or RST** (its network torn down before its
+      process closed its sockets, a failed node, a partition): the next request on that pooled
+      keep-alive connection, or a request already waiting for its answer, got no reply and no error.
+      The split smoke (deploy/smoke_split.sh) showed it: after ``podman pod stop`` of translate, the
+      entry's pooled connections to it stayed ESTABLISHED, the translate request written on one sat
+      unacknowledged in the send queue with backed-off retransmissions, and the entry answered 503
+      ``timeout`` after 29.5 s. Each connection's socket is now a ``dependency_socket``: dropped once
+      what was sent (the request, or a keep-alive probe) stays unacknowledged for ``peer_timeout_s``.
+      No read timeout is added, so a slow decode is never cut.
+
+    An in-process app or a Unix socket (BentoML's own transports for a dependency without a URL) is
+    left as BentoML builds it: it has no network peer to lose.
+    """
     import aiohttp
 
+    SessionManager.connect_timeout_s = connect_timeout_s
+    SessionManager.peer_timeout_s = peer_timeout_s
     if getattr(SessionManager, PATCHED, False):
-        SessionManager.connect_timeout_s = connect_timeout_s
         return
     init = REPLACED["SessionManager.__init__"] = SessionManager.__init__
+    make_client = REPLACED["SessionManager._make_client"] = SessionManager._make_client
 
     def init_with_connect_timeout(self, url, timeout, headers, app=None, max_age=300.0,
                                   max_requests=100) -> None:
@@ -379,8 +425,19 @@ def bound_dependency_connects(connect_timeout_s: float) -> None:
         connect = min(total, self.connect_timeout_s) if total else self.connect_timeout_s
         self._timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect)
 
-    SessionManager.connect_timeout_s = connect_timeout_s
+    def make_client_with_peer_timeout(self) -> aiohttp.ClientSession:
+        if self._app is not None or self._parsed_url.scheme == "file":
+            return make_client(self)
+        # BentoML's base URL for a network dependency (tcp://host:port is served over http).
+        url = self._parsed_url
+        base_url = f"http://{url.netloc}" if url.scheme == "tcp" else url.geturl()
+        connector = aiohttp.TCPConnector(
+            socket_factory=functools.partial(dependency_socket, peer_timeout_s=self.peer_timeout_s))
+        return aiohttp.ClientSession(base_url=base_url, headers=self._headers, timeout=self._timeout,
+                                     connector=connector)
+
     SessionManager.__init__ = init_with_connect_timeout
+    SessionManager._make_client = make_client_with_peer_timeout
     setattr(SessionManager, PATCHED, True)
 
 

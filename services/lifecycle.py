@@ -267,4 +267,5 @@ services.bentoml_compat.bound_connections(services.bentoml_compat.ConnectionLimi
     header_timeout_s=SETTINGS.http.header_timeout_s, max_header_bytes=SETTINGS.http.max_header_bytes,
     keep_alive_s=SETTINGS.http.keep_alive_s, max_connections=SETTINGS.http.max_connections,
     retry_after_s=SETTINGS.http.retry_after_s, render=_render))
-services.bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s)
+services.bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s,
+                                                   SETTINGS.http.peer_timeout_s)

@@ -191,6 +191,11 @@ class HttpSettings(Group):
     # Connecting to a model service reached by URL (services/bentoml_compat.py bound_dependency_connects):
     # past this, the entry answers 503 model_unavailable instead of waiting the whole request timeout.
     connect_timeout_s: float = Field(3.0, gt=0)
+    # An open connection to such a model service whose peer has gone without closing it (a pod whose
+    # network went first, a failed node): dropped once what the entry sent, a request or a TCP
+    # keep-alive probe, stays unacknowledged this long (TCP_USER_TIMEOUT); 503 model_unavailable. A
+    # slow answer is not cut: a live peer's kernel acknowledges while its model works.
+    peer_timeout_s: float = Field(3.0, ge=0.01)
     max_connections: int = Field(1000, ge=1)
     # When api_token is set, POSTs under the comma-separated prefixes of api_token_paths (the
     # state-changing session endpoints) need "Authorization: Bearer <token>".

@@ -57,6 +57,8 @@ CONTRACT = [
                                ("connection_lost", ["self", "exc"]), ("send_400_response", ["self", "msg"])]],
     ("_bentoml_impl.client.proxy2", "SessionManager._make_client", ["self"],
      "bound_dependency_connects: the session it builds takes SessionManager._timeout"),
+    ("_bentoml_impl.client.proxy2", "SessionManager.get_session", ["self"],
+     "bound_dependency_connects: each session comes from _make_client (the tests build it so)"),
     ("_bentoml_impl.client.proxy2", "AsyncClient._deserialize_output", ["self", "payload", "endpoint"],
      "close_abandoned_streams decodes each chunk with it"),
     ("_bentoml_impl.server.app", "ServiceAppFactory.api_endpoint", ["self", "name", "request"],
@@ -76,6 +78,7 @@ REPLACED = {
     "RunnerTrafficMetricsMiddleware.__call__": ["self", "scope", "receive", "send"],
     "AsyncClient._parse_stream_response": ["self", "endpoint", "resp"],
     "SessionManager.__init__": ["self", "url", "timeout", "headers", "app", "max_age", "max_requests"],
+    "SessionManager._make_client": ["self"],
 }
 
 
@@ -307,6 +310,14 @@ def test_no_other_service_module_touches_bentoml_private_api():
     assert not offenders, f"BentoML's private API belongs in services/bentoml_compat.py: {offenders}"
 
 
+def restore_dependency_bounds() -> None:
+    """The bounds services/lifecycle.py installs, after a test changed them."""
+    from services import bentoml_compat
+    from services.settings import SETTINGS
+
+    bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s, SETTINGS.http.peer_timeout_s)
+
+
 def test_a_dependency_that_does_not_accept_fails_at_the_connect_timeout_as_unavailable():
     """A listener whose accept queue is full drops new SYNs: the connection neither opens nor is
     refused, as with a stopped pod's address still in a DNS cache. BentoML's client session (patched
@@ -320,6 +331,7 @@ def test_a_dependency_that_does_not_accept_fails_at_the_connect_timeout_as_unava
 
     from services import bentoml_compat
     from services.errors import to_service_error
+    from services.settings import SETTINGS
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -331,7 +343,7 @@ def test_a_dependency_that_does_not_accept_fails_at_the_connect_timeout_as_unava
         client.setblocking(False)
         client.connect_ex(("127.0.0.1", port))
     try:
-        bentoml_compat.bound_dependency_connects(0.3)
+        bentoml_compat.bound_dependency_connects(0.3, SETTINGS.http.peer_timeout_s)
         manager = SessionManager(f"http://127.0.0.1:{port}", timeout=20.0, headers={})
         assert manager._timeout.total == 20.0 and manager._timeout.sock_connect == 0.3
 
@@ -350,9 +362,216 @@ def test_a_dependency_that_does_not_accept_fails_at_the_connect_timeout_as_unava
         answer = to_service_error(error)
         assert (answer.status, answer.code) == (503, "model_unavailable")
     finally:
-        from services.settings import SETTINGS
-
-        bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s)
+        restore_dependency_bounds()
         for client in held:
             client.close()
         listener.close()
+
+
+class KeepAlivePeer:
+    """A fake model service on 127.0.0.1 (a thread, real sockets): accepts connections, answers the
+    first request of each with 200 on the kept-alive connection (the body's last byte once
+    ``first_read`` is set, so that the client can look at the open connection), then does what
+    ``after_first`` says:
+    ``"silent"`` (never reads again: what the entry sends next is not taken, as from a peer that is
+    gone), or ``"slow"`` (reads the next request, then answers it after ``slow_s``)."""
+
+    def __init__(self, after_first: str, slow_s: float = 0.0) -> None:
+        import threading
+
+        self.after_first, self.slow_s = after_first, slow_s
+        self.accepted: list[socket.socket] = []
+        self.requests: list[bytes] = []  # each request's line and headers
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepted ones
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.done, self.first_read = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _read_request(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                raise ConnectionError("the client closed")
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        self.requests.append(head)
+        length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+        while len(body) < length:
+            body += conn.recv(65536)
+
+    def _answer(self, conn: socket.socket, first: bool = False) -> None:
+        conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{')
+        if first:
+            self.first_read.wait(10.0)
+        conn.sendall(b'}')
+
+    def _serve(self) -> None:
+        try:
+            while not self.done.is_set():
+                conn, _ = self.listener.accept()
+                self.accepted.append(conn)
+                self._read_request(conn)
+                self._answer(conn, first=True)
+                if self.after_first == "slow":
+                    self._read_request(conn)
+                    self.done.wait(self.slow_s)
+                    self._answer(conn)
+                # "silent": nothing is read from this connection again
+        except OSError:  # closed by close()
+            pass
+
+    def close(self) -> None:
+        self.done.set()
+        for conn in [*self.accepted, self.listener]:
+            conn.close()
+
+
+def linux_with_user_timeout_on_a_zero_window() -> bool:
+    """TCP_USER_TIMEOUT counts a zero window too from Linux 5.11 (a peer that takes no bytes)."""
+    import platform
+
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return False
+    release = re.match(r"(\d+)\.(\d+)", platform.release())
+    return bool(release) and tuple(map(int, release.groups())) >= (5, 11)
+
+
+def dependency_call(manager, peer: KeepAlivePeer, path: str,
+                    body: bytes) -> tuple[int | None, BaseException | None, dict]:
+    """Two POSTs through ``manager``'s session (BentoML's for a dependency): the first opens the
+    keep-alive connection, the second (``body``) goes on it. The second's status or error, and the
+    socket options of the connection, read while the first answer is open."""
+    import aiohttp
+
+    async def run():
+        options = {}
+        session = await manager.get_session()
+        try:
+            async with session.post("/first", json={}) as response:
+                assert response.status == 200
+                sock = response.connection.transport.get_extra_info("socket")
+                options["keepalive"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                for name in ("TCP_USER_TIMEOUT", "TCP_KEEPIDLE", "TCP_KEEPINTVL"):
+                    if hasattr(socket, name):
+                        options[name] = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                peer.first_read.set()
+                await response.read()
+            try:
+                async with session.post(path, data=body) as response:
+                    await response.read()
+                    return response.status, None, options
+            except aiohttp.ClientError as exc:  # the error is what is checked
+                return None, exc, options
+        finally:
+            await manager.close()
+
+    return asyncio.run(asyncio.wait_for(run(), 60.0))
+
+
+@pytest.mark.parametrize("scheme", ["http", "tcp"])
+def test_dependency_connections_are_bentomls_with_the_peer_timeout(scheme):
+    """A network dependency's session is the one BentoML builds (its base URL, headers and timeout)
+    on sockets that give up on a silent peer: keep-alive probes and TCP_USER_TIMEOUT (Linux)."""
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    from services import bentoml_compat
+    from services.settings import SETTINGS
+
+    peer = KeepAlivePeer("slow")
+    try:
+        bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s, 0.25)
+        manager = SessionManager(f"{scheme}://127.0.0.1:{peer.port}", timeout=20.0, headers={"X-Probe": "1"})
+        status, error, options = dependency_call(manager, peer, "/second", b"{}")
+        assert (status, error) == (200, None)
+        assert [head.split(b"\r\n")[0] for head in peer.requests] == [b"POST /first HTTP/1.1",
+                                                                      b"POST /second HTTP/1.1"]
+        assert all(re.search(rb"(?im)^x-probe: 1\r?$", head) for head in peer.requests), peer.requests
+        assert len(peer.accepted) == 1, "the second request did not reuse the kept-alive connection"
+        assert options["keepalive"] == 1, options
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert options["TCP_USER_TIMEOUT"] == 250, options
+            assert options["TCP_KEEPIDLE"] == options["TCP_KEEPINTVL"] == bentoml_compat.KEEPALIVE_PROBE_S
+    finally:
+        restore_dependency_bounds()
+        peer.close()
+
+
+@pytest.mark.skipif(not linux_with_user_timeout_on_a_zero_window(),
+                    reason="needs Linux 5.11+ (TCP_USER_TIMEOUT on a zero window) to silence a loopback peer")
+def test_a_kept_alive_connection_whose_peer_goes_silent_is_dropped_as_unavailable():
+    """The smoke's failure, on loopback: the peer answered one request on a kept-alive connection,
+    then took nothing more (a loopback peer cannot vanish without FIN or RST; one that takes no bytes
+    leaves what the entry sends unacknowledged just the same). BentoML's session alone waits for its
+    total timeout (20 s here); patched, the kernel drops the connection at the peer timeout, aiohttp
+    raises ETIMEDOUT, and the entry answers 503 model_unavailable."""
+    import errno
+
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    from services import bentoml_compat
+    from services.errors import to_service_error
+    from services.settings import SETTINGS
+
+    peer = KeepAlivePeer("silent")
+    try:
+        bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s, 0.3)
+        manager = SessionManager(f"http://127.0.0.1:{peer.port}", timeout=20.0, headers={})
+        status, error, _ = dependency_call(manager, peer, "/translate", b"x" * (8 << 20))
+        assert status is None, f"a peer that reads nothing answered {status}"
+        assert len(peer.accepted) == 1, "the request did not go on the kept-alive connection"
+        assert isinstance(error, aiohttp.ClientOSError) and error.errno == errno.ETIMEDOUT, repr(error)
+        answer = to_service_error(error)
+        assert (answer.status, answer.code) == (503, "model_unavailable")
+    finally:
+        restore_dependency_bounds()
+        peer.close()
+
+
+def test_a_slow_answer_is_not_cut_by_the_peer_timeout():
+    """A live peer that takes the request and answers long after the peer timeout (and after
+    keep-alive probes of the waiting connection) is answered: the bound is on acknowledgements, not
+    on how long the model works."""
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    from services import bentoml_compat
+    from services.settings import SETTINGS
+
+    slow_s = 2.5 * bentoml_compat.KEEPALIVE_PROBE_S  # past the first probes; 10x the peer timeout
+    peer = KeepAlivePeer("slow", slow_s=slow_s)
+    try:
+        bentoml_compat.bound_dependency_connects(SETTINGS.http.connect_timeout_s, 0.25)
+        manager = SessionManager(f"http://127.0.0.1:{peer.port}", timeout=20.0, headers={})
+        status, error, _ = dependency_call(manager, peer, "/translate", b"{}")
+        assert (status, error) == (200, None)
+        assert len(peer.accepted) == 1
+    finally:
+        restore_dependency_bounds()
+        peer.close()
+
+
+def test_in_process_and_unix_socket_dependencies_keep_bentomls_connector():
+    """Without a URL a dependency runs in the entry's process tree (an ASGI app, a Unix socket): no
+    network peer to lose, so BentoML's own session is built."""
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    async def app(scope, receive, send):  # never called
+        raise AssertionError
+
+    async def connectors():
+        managers = [SessionManager("http://127.0.0.1:3000", timeout=20.0, headers={}, app=app),
+                    SessionManager("file:///tmp/rnnserve-compat-test.sock", timeout=20.0, headers={})]
+        sessions = [manager._make_client() for manager in managers]
+        try:
+            return [type(session.connector) for session in sessions]
+        finally:
+            for session in sessions:
+                await session.close()
+
+    kinds = asyncio.run(connectors())
+    assert kinds[0].__name__ == "ASGIApplicationConnector" and kinds[1] is aiohttp.UnixConnector, kinds

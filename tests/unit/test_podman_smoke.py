@@ -4,6 +4,7 @@
   per Deployment named as its Service, every model URL of the entry pointing at a pod on the network and
   the port that Service targets, 127.0.0.1 only, and nothing else of what Kubernetes gets changed.
 - deploy/podman/target_wheels.py: the wheels the image's interpreter needs, markers evaluated for it.
+- deploy/probe.py ``check_down``: the translate-down step's verdict, against a fake entry.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from tests.unit.test_manifests import DEPLOYMENTS, render
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy" / "podman"))
+sys.path.insert(0, str(ROOT / "deploy"))
+import probe  # noqa: E402
 import split_manifests  # noqa: E402
 import target_wheels  # noqa: E402
 
@@ -247,3 +250,78 @@ def test_context_digest_sees_content_not_zip_timestamps(tmp_path):
     assert changed != first
     (tmp_path / "artifacts" / "model.pt").write_bytes(b"other weights")
     assert target_wheels.context_digest(tmp_path) not in (first, changed)
+
+
+class FakeEntry:
+    """An entry on 127.0.0.1 (http.server in a thread) whose down model answers ``down_answers`` in
+    turn (status, error code); every other model 200, /v1/models and /readyz as with one model down."""
+
+    def __init__(self, down: str, down_answers: list[tuple[int, str]]) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        answers = list(down_answers)
+        self.down_calls = 0
+        entry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._send(200, {"ready": True})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == probe.MODELS_PATH:
+                    self._send(200, [{"name": name, "state": "unavailable" if name == down else "ready"}
+                                     for name in probe.ENDPOINTS])
+                elif self.path == probe.ENDPOINTS[down].route:
+                    entry.down_calls += 1
+                    status, code = answers.pop(0)
+                    self._send(status, {"error": {"code": code, "message": "", "field": None}},
+                               {"Retry-After": "1"})
+                else:
+                    self._send(200, {})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_check_down_passes_when_every_try_is_model_unavailable(capsys):
+    entry = FakeEntry("translate", [(503, "model_unavailable")] * 4)
+    try:
+        probe.check_down(entry.url, "translate", tries=4)
+    finally:
+        entry.close()
+    assert entry.down_calls == 4
+    assert "/v1/translate while translate is down: 503 in " in capsys.readouterr().out
+
+
+def test_check_down_fails_when_a_later_try_times_out():
+    """The split smoke's failure: the first call answered 503, a later one only at the entry's
+    request deadline (503 ``timeout``, a connection kept alive to the stopped pod). One try alone
+    would have passed."""
+    entry = FakeEntry("translate", [(503, "model_unavailable"), (503, "timeout"),
+                                    (503, "model_unavailable"), (503, "model_unavailable")])
+    try:
+        with pytest.raises(SystemExit, match=r"answered 503 \(Retry-After '1', code 'timeout'\)"):
+            probe.check_down(entry.url, "translate", tries=4)
+    finally:
+        entry.close()
+    assert entry.down_calls == 4

@@ -62,3 +62,12 @@ def test_connect_timeout_to_model_services_is_a_positive_setting():
     assert Settings.from_env({"RNNSERVE_CONNECT_TIMEOUT_S": "0.5"}).http.connect_timeout_s == 0.5
     with pytest.raises(ValueError, match="RNNSERVE_CONNECT_TIMEOUT_S"):
         Settings.from_env({"RNNSERVE_CONNECT_TIMEOUT_S": "0"})
+
+
+def test_peer_timeout_of_model_service_connections_is_a_setting_of_at_least_10_ms():
+    from services.settings import Settings
+
+    assert Settings.from_env({}).http.peer_timeout_s == 3.0
+    assert Settings.from_env({"RNNSERVE_PEER_TIMEOUT_S": "0.01"}).http.peer_timeout_s == 0.01
+    with pytest.raises(ValueError, match="RNNSERVE_PEER_TIMEOUT_S"):
+        Settings.from_env({"RNNSERVE_PEER_TIMEOUT_S": "0.009"})
