@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from services.errors import ServiceError
+from services.inprocess import pin_torch_threads
 from services.metrics import (
     DECODER_ACTIVE_ROWS,
     DECODER_QUEUE_LENGTH,
@@ -161,8 +162,8 @@ class DecodeScheduler:
 
     def start(self) -> DecodeScheduler:
         if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name=f"rnnserve-{self.name}-decoder",
-                                           daemon=True)
+            self.thread = threading.Thread(target=self._run, args=(torch.get_num_threads(),),
+                                           name=f"rnnserve-{self.name}-decoder", daemon=True)
             self.thread.start()
         return self
 
@@ -173,7 +174,8 @@ class DecodeScheduler:
         if self.thread is not None:
             self.thread.join(timeout=5)
 
-    def _run(self) -> None:
+    def _run(self, threads: int) -> None:
+        pin_torch_threads(threads)  # the service's torch threads in this thread too (services/inprocess.py)
         with torch.inference_mode():  # thread-local: entered once, in the thread that steps
             while True:
                 with self.lock:

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import torch
+
 from services.artifacts import ArtifactError
 from services.bentoml_compat import exponential_buckets, metrics_histogram, service_metric_labels
 from services.errors import ServiceError
@@ -94,6 +96,14 @@ class _Request(Generic[Item, Result]):
     future: asyncio.Future[list[Result]]
 
 
+def pin_torch_threads(threads: int) -> None:
+    """Gives the calling thread the worker's torch thread count. ``torch.set_num_threads`` in the main
+    thread does not reach OpenMP's per-thread setting in a thread started later, whose kernels then
+    ran with one OpenMP thread per core that spun between calls: the entry at one forecast client used
+    1.8 cores, 0.9 with this (load/RESULTS.md)."""
+    torch.set_num_threads(threads)
+
+
 class Batcher(Generic[Item, Result]):
     """``await batcher(items)`` -> one result per item, in order; concurrent calls share model calls.
 
@@ -118,7 +128,7 @@ class Batcher(Generic[Item, Result]):
         self.name, self.method_name, self._func = name, method_name, func
         self.max_batch_size, self.max_latency_s = max_batch_size, max_latency_ms / 1000
         self.batching = batching
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
+        self._executor = ThreadPoolExecutor(1, f"{name}-model", pin_torch_threads, (torch.get_num_threads(),))
         self._histogram = batch_size_histogram(histogram_max_batch_size or max_batch_size)
         self._queue: deque[_Request[Item, Result]] = deque()
         self._queued_items = 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +201,49 @@ def test_requests_are_shed_only_when_the_queue_ahead_cannot_be_served_in_time():
     assert len(shed) == 1 and shed[0].status == 503 and "overloaded" in shed[0].message
     assert answers[-1] is shed[0]
     assert sum(record.calls) == 40
+
+
+PROBE = """
+import asyncio, os, sys, torch
+from concurrent.futures import ThreadPoolExecutor
+torch.set_num_threads(1)
+from services.inprocess import Batcher
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def model(items):
+    a = torch.randn(512, 512)
+    for _ in range(10):
+        a @ a
+    with torch.inference_mode():
+        torch.nn.GRU(5, 32, batch_first=True)(torch.randn(64, 60, 5))
+    return items
+
+async def main():
+    before = tasks()
+    if sys.argv[1] == "batcher":
+        await Batcher("probe", model, max_batch_size=4, max_latency_ms=1000)([1, 2])
+    else:  # a thread of its own as before, without the batcher's initializer
+        await asyncio.get_running_loop().run_in_executor(ThreadPoolExecutor(1), model, [1, 2])
+    print(tasks() - before)  # the model's thread itself, and any OpenMP team it started
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts a process's threads in /proc on a machine of 2 or more cores")
+def test_the_model_thread_runs_torch_with_the_workers_thread_count_not_one_openmp_thread_per_core():
+    """torch.set_num_threads in the main thread does not reach OpenMP's per-thread setting in a thread
+    started later: its matmuls start a team of one thread per core, which spins between calls. The
+    batcher's thread is pinned to the worker's count, so it starts no such team."""
+    import subprocess
+    import sys
+
+    def new_threads(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[2])
+        return int(done.stdout.split()[-1])
+
+    assert new_threads("batcher") < new_threads("plain")
