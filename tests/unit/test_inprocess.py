@@ -222,11 +222,15 @@ def model(items):
 
 async def main():
     before = tasks()
+    batcher = Batcher("probe", model, max_batch_size=4, max_latency_ms=1000)
+    plain = ThreadPoolExecutor(1)  # a thread of its own as before, without the batcher's initializer
     if sys.argv[1] == "batcher":
-        await Batcher("probe", model, max_batch_size=4, max_latency_ms=1000)([1, 2])
-    else:  # a thread of its own as before, without the batcher's initializer
-        await asyncio.get_running_loop().run_in_executor(ThreadPoolExecutor(1), model, [1, 2])
+        await batcher([1, 2])
+    else:
+        await asyncio.get_running_loop().run_in_executor(plain, model, [1, 2])
     print(tasks() - before)  # the model's thread itself, and any OpenMP team it started
+    batcher.shutdown()
+    plain.shutdown()
 
 asyncio.run(main())
 """
