@@ -52,18 +52,21 @@ def accepted_id(value: bytes | None, max_chars: int) -> str | None:
     return text if ID_CHARACTERS.fullmatch(text) else None
 
 
-_ID_PREFIX: tuple[int, str] = (0, "")  # (pid, 16 random hex digits), drawn again in a new process
+def _draw_id_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = uuid.uuid4().hex[:16]
+
+
+_ID_PREFIX = ""  # 16 random hex digits per process: drawn at import and again in a forked child
+_draw_id_prefix()
+os.register_at_fork(after_in_child=_draw_id_prefix)
 _ID_COUNTER = itertools.count()
 
 
 def new_id() -> str:
     """32 hex digits, unique per request: a random prefix per process and a counter (``uuid4`` per
     request costs a system call; it showed in the entry's CPU profile, load/RESULTS.md)."""
-    global _ID_PREFIX
-    pid = os.getpid()
-    if _ID_PREFIX[0] != pid:
-        _ID_PREFIX = (pid, uuid.uuid4().hex[:16])
-    return f"{_ID_PREFIX[1]}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class RequestId:

@@ -201,3 +201,21 @@ def test_the_request_id_rides_every_propagated_call_and_a_model_service_adopts_i
     assert contextvars.copy_context().run(adopted, {"x-request-id": "x" * (MAX + 1)}) is None
     assert contextvars.copy_context().run(adopted, {}) is None
     assert contextvars.copy_context().run(adopted, {"x-request-id": "other"}, "mine") == "mine"
+
+
+def test_a_forked_process_draws_its_own_id_prefix():
+    import os
+
+    from services.observability import new_id
+
+    parent = new_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, to the parent
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child[:16] != parent[:16]
