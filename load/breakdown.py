@@ -15,7 +15,6 @@ what no rule matches is "other", so the table always adds up to the measured CPU
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -112,14 +111,6 @@ def table(columns: dict[str, tuple[Counter[str], float]]) -> str:
 
 
 def rules() -> str:
+    """The stage rules, as a markdown list (printed under each breakdown table)."""
     return "\n".join(f"- {name}: " + ", ".join(f"`{p}`" for p in patterns) for name, patterns in STAGES)
 
-
-def process_of(frames: list[str]) -> str:
-    """The innermost ``process PID:"cmdline"`` frame's command, shortened."""
-    for frame in reversed(frames):
-        if frame.startswith("process "):
-            command = frame.split(":", 1)[1].strip('"')
-            match = re.search(r"(services\.\w+:\w+|bentoml serve \S+)", command)
-            return match.group(1) if match else command[:60]
-    return "?"

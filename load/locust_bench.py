@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
               "while profiled):\n")
         columns = {report["label"]: (Counter(step.stage_samples), step.server_cpu_ms_per_request)}
         print(breakdown.table(columns))
+        print("\nStages, by the innermost frame that names one of (load/breakdown.py):\n")
+        print(breakdown.rules())
     print(f"written: {written}")
     return report
 

@@ -58,3 +58,11 @@ def test_table_has_a_row_per_stage_and_the_measured_totals():
     assert len(lines) == 2 + len(STAGE_NAMES) + 1
     assert "| model (forward) | 0.600 | 30% | 1.000 | 100% |" in lines
     assert lines[-1] == "| **total (measured)** | **2.000** | 100 samples | **1.000** | 1 samples |"
+
+
+def test_the_rules_list_every_stage_with_its_patterns():
+    from load.breakdown import STAGES, rules
+
+    lines = rules().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"- {name}" for name, _ in STAGES]
+    assert "`prometheus_client/`" in lines[[name for name, _ in STAGES].index("metrics")]
