@@ -144,7 +144,7 @@ def refuse_remote_inputs() -> None:
     setattr(MultipartSerde, PATCHED, True)
 
 
-def install_endpoint_handler(refusal: Callable[[Any, Any], Exception | None],
+def install_endpoint_handler(before_call: Callable[[Any, Any], Exception | None],
                              answer: Callable[[Any, BaseException], Any]) -> None:
     """Replaces BentoML's handling of what an endpoint raises with ``answer(request, exc)``.
 
@@ -152,8 +152,9 @@ def install_endpoint_handler(refusal: Callable[[Any, Any], Exception | None],
     pydantic error as ``{"error": "N validation errors", "detail": [...]}``, a 4xx exception as a
     one-element list, any 5xx with one generic text, and logs every one at ERROR with a traceback.
     With this, each service process writes every error once, in the documented shape, with its own
-    code (services/errors.py). Before each call ``refusal(service_instance, request)`` may return the
-    error to raise instead (a model service whose artifact failed to load: services/lifecycle.py).
+    code (services/errors.py). ``before_call(service_instance, request)`` runs before each call: it
+    takes what the request carries for the call (its id) and may return the error to raise instead (a
+    model service whose artifact failed to load: services/lifecycle.py).
     """
     if getattr(ServiceAppFactory, PATCHED, False):
         return
@@ -161,7 +162,7 @@ def install_endpoint_handler(refusal: Callable[[Any, Any], Exception | None],
 
     async def api_endpoint_wrapper(self, name: str, request: Any) -> Any:
         try:
-            if (refused := refusal(self._service_instance, request)) is not None:
+            if (refused := before_call(self._service_instance, request)) is not None:
                 raise refused
             resp = await self.api_endpoint(name, request)
         except Exception as exc:

@@ -272,6 +272,7 @@ class Caption(ModelService):
     name = NAME
     bento_model = bentoml.models.BentoModel(SETTINGS.caption.model)
     threads = SETTINGS.caption.threads
+    cpu_nice = SETTINGS.caption.cpu_nice
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         self.decoder = Decoder.from_metadata(model, metadata, self.device)

@@ -79,16 +79,17 @@ def lower_priority(niceness: int) -> None:
 
 class ModelService:
     """Base of every model service: subclasses set ``name``, ``bento_model`` (a
-    ``bentoml.models.BentoModel`` at class scope) and ``threads``, and implement ``setup`` and
+    ``bentoml.models.BentoModel`` at class scope), ``threads`` and ``cpu_nice``, and implement ``setup`` and
     ``warm_up``."""
 
     name: ClassVar[str]
     bento_model: ClassVar[Any]
     threads: ClassVar[int] = 1
+    cpu_nice: ClassVar[int] = 0  # the decoders' lower CPU priority (DecoderSettings.cpu_nice)
 
     def __init__(self) -> None:
         torch.set_num_threads(self.threads)
-        lower_priority(getattr(getattr(SETTINGS, self.name, None), "cpu_nice", 0))
+        lower_priority(self.cpu_nice)
         self.device = "cpu"  # until _load: a device that is not usable keeps only this model out
         self.model_info: ModelInfo | None = None
         defer_sigterm(ENTRY_SERVICE, SETTINGS.http.timeout_s + 5.0)
@@ -246,7 +247,8 @@ def entry_alive(entry_name: str) -> bool:
 # Errors of every endpoint ---------------------------------------------------------------------------
 
 
-def _refusal(instance: Any, request: Any) -> ServiceError | None:
+def _before_call(instance: Any, request: Any) -> ServiceError | None:
+    """The caller's request id for this call's log lines; the refusal of a model that is not loaded."""
     services.observability.adopt_request_id(request.headers, SETTINGS.http.max_request_id_chars)
     check = getattr(instance, "unavailable", None)
     return check() if check is not None else None
@@ -256,7 +258,7 @@ def _answer(request: Any, exc: BaseException) -> Any:
     return error_response(report(exc, request.method, request.url.path))
 
 
-services.bentoml_compat.install_endpoint_handler(_refusal, _answer)
+services.bentoml_compat.install_endpoint_handler(_before_call, _answer)
 
 
 def _render(status: int, code: str, message: str) -> bytes:

@@ -310,6 +310,7 @@ class Translate(ModelService):
     name = NAME
     bento_model = bentoml.models.BentoModel(SETTINGS.translate.model)
     threads = SETTINGS.translate.threads
+    cpu_nice = SETTINGS.translate.cpu_nice
 
     def setup(self, model: torch.jit.ScriptModule, metadata: dict) -> None:
         settings = SETTINGS.translate

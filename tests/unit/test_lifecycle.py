@@ -120,3 +120,10 @@ def test_a_decoder_service_runs_at_its_cpu_niceness_and_never_raises_a_priority(
     settings = Settings.from_env({"RNNSERVE_TRANSLATE_CPU_NICE": "19"})
     assert settings.translate.cpu_nice == 19 and settings.caption.cpu_nice == 5
     assert not hasattr(settings.forecast, "cpu_nice")  # the cheap models keep the entry's priority
+    from services.caption import Caption
+    from services.forecast import Forecast
+    from services.settings import SETTINGS
+    from services.translate import Translate
+
+    assert (Translate.inner.cpu_nice, Caption.inner.cpu_nice, Forecast.inner.cpu_nice) == (
+        SETTINGS.translate.cpu_nice, SETTINGS.caption.cpu_nice, 0)
