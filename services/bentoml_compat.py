@@ -416,15 +416,7 @@ def bound_dependency_connects(connect_timeout_s: float, peer_timeout_s: float) -
     SessionManager.peer_timeout_s = peer_timeout_s
     if getattr(SessionManager, PATCHED, False):
         return
-    init = REPLACED["SessionManager.__init__"] = SessionManager.__init__
     make_client = REPLACED["SessionManager._make_client"] = SessionManager._make_client
-
-    def init_with_connect_timeout(self, url, timeout, headers, app=None, max_age=300.0,
-                                  max_requests=100) -> None:
-        init(self, url, timeout, headers, app=app, max_age=max_age, max_requests=max_requests)
-        total = self._timeout.total
-        connect = min(total, self.connect_timeout_s) if total else self.connect_timeout_s
-        self._timeout = aiohttp.ClientTimeout(total=total, sock_connect=connect)
 
     def make_client_with_peer_timeout(self) -> aiohttp.ClientSession:
         if self._app is not None or self._parsed_url.scheme == "file":
@@ -432,12 +424,13 @@ def bound_dependency_connects(connect_timeout_s: float, peer_timeout_s: float) -
         # BentoML's base URL for a network dependency (tcp://host:port is served over http).
         url = self._parsed_url
         base_url = f"http://{url.netloc}" if url.scheme == "tcp" else url.geturl()
+        total = self._timeout.total  # BentoML's only timeout: the service's request timeout
+        connect = min(total, self.connect_timeout_s) if total else self.connect_timeout_s
         connector = aiohttp.TCPConnector(
             socket_factory=functools.partial(dependency_socket, peer_timeout_s=self.peer_timeout_s))
-        return aiohttp.ClientSession(base_url=base_url, headers=self._headers, timeout=self._timeout,
-                                     connector=connector)
+        return aiohttp.ClientSession(base_url=base_url, headers=self._headers, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=total, sock_connect=connect))
 
-    SessionManager.__init__ = init_with_connect_timeout
     SessionManager._make_client = make_client_with_peer_timeout
     setattr(SessionManager, PATCHED, True)
 
