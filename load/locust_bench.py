@@ -243,7 +243,6 @@ def run_step(host: str, path: str, endpoint: str, users: int, seconds: float, ou
     except subprocess.TimeoutExpired:
         locust.kill()
         _, stderr = locust.communicate()
-    done = subprocess.CompletedProcess(locust.args, locust.returncode, "", stderr)
     elapsed = time.monotonic() - started
     stage_samples: dict[str, int] = {}
     if profiler is not None:
@@ -253,8 +252,8 @@ def run_step(host: str, path: str, endpoint: str, users: int, seconds: float, ou
         stage_samples = dict(breakdown.parse(profile_path.read_text()))
     client_cpu = children_cpu_seconds() - client_before
     cpu_after = tree_cpu_seconds(server_pid) if server_pid else None
-    if done.returncode != 0 or not Path(f"{prefix}_stats.csv").is_file():
-        raise RuntimeError(f"locust exited {done.returncode}:\n{done.stderr[-3000:]}")
+    if locust.returncode != 0 or not Path(f"{prefix}_stats.csv").is_file():
+        raise RuntimeError(f"locust exited {locust.returncode}:\n{stderr[-3000:]}")
     stats = read_stats(Path(f"{prefix}_stats.csv"))
     failures = read_failures(Path(f"{prefix}_failures.csv"))
     by_process = ({name: value - cpu_before.get(name, 0.0) for name, value in cpu_after.items()}
